@@ -1,0 +1,105 @@
+"""The reference U-Net (Ronneberger et al., 2015) with a configurable width.
+
+Pure: no I/O, no device choice. With base=64 this is the classic network
+(encoder 64-128-256-512, bottleneck 1024, transposed-conv decoder, skip
+concatenation, 1x1 head). Smaller bases keep the same shape and train on a CPU.
+"""
+import torch
+import torch.nn as nn
+
+DEPTH = 4  # number of 2x down-samplings, so inputs must be multiples of 2**DEPTH
+MULTIPLE = 2 ** DEPTH
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 conv -> BN -> ReLU; keeps the spatial size (padding=1)."""
+
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Encoder(nn.Module):
+    """ConvBlock then 2x2 max-pool; returns (skip, pooled)."""
+
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.conv = ConvBlock(in_ch, out_ch)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        skip = self.conv(x)
+        return skip, self.pool(skip)
+
+
+class Decoder(nn.Module):
+    """2x transposed-conv up-sampling, concatenation with the skip, ConvBlock."""
+
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_ch, out_ch, kernel_size=2, stride=2)
+        self.conv = ConvBlock(2 * out_ch, out_ch)
+
+    def forward(self, x, skip):
+        x = self.up(x)
+        return self.conv(torch.cat([x, skip], dim=1))
+
+
+class UNet(nn.Module):
+    """U-Net returning logits (N, out_ch, H, W) for input (N, in_ch, H, W).
+
+    H and W must be multiples of 16; pad with `pad_to_multiple` first.
+    """
+
+    def __init__(self, in_ch=3, out_ch=1, base=64):
+        super().__init__()
+        if base < 1:
+            raise ValueError(f"base width must be >= 1, got {base}")
+        w = [base * 2 ** i for i in range(DEPTH + 1)]  # base=64: 64,128,256,512,1024
+        self.in_ch = in_ch
+        self.encoders = nn.ModuleList(
+            Encoder(c_in, c_out) for c_in, c_out in zip([in_ch] + w[:3], w[:4]))
+        self.bottleneck = ConvBlock(w[3], w[4])
+        self.decoders = nn.ModuleList(Decoder(w[i + 1], w[i]) for i in reversed(range(DEPTH)))
+        self.head = nn.Conv2d(w[0], out_ch, kernel_size=1)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != self.in_ch:
+            raise ValueError(f"expected input (N, {self.in_ch}, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % MULTIPLE or w % MULTIPLE:
+            raise ValueError(f"input size {h}x{w} is not a multiple of {MULTIPLE}; "
+                             "pad it first (model.pad_to_multiple)")
+        skips = []
+        for enc in self.encoders:
+            s, x = enc(x)
+            skips.append(s)
+        x = self.bottleneck(x)
+        for dec, s in zip(self.decoders, reversed(skips)):
+            x = dec(x, s)
+        return self.head(x)
+
+
+def pad_to_multiple(x, multiple=MULTIPLE):
+    """Reflect-pad (N, C, H, W) at bottom/right to multiples; returns (padded, (H, W))."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        # reflect needs pad < size; replicate covers tiny inputs
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, (h, w)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,101 @@
+"""The torch Dataset over data/<split>/ and the image normalisation shared by
+training and inference."""
+import json
+import os
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils import UserError, read_image, read_mask, to_tensor_image
+
+NORMS = ("rgb", "clahe")
+
+
+def normalize_image(rgb, norm):
+    """Contrast normalisation applied before the network, in training and inference.
+
+    rgb: uint8 (H,W,3). 'clahe' equalises local contrast of the lightness channel,
+    which evens out illumination and camera differences while keeping colour.
+    """
+    if norm == "rgb":
+        return rgb
+    if norm == "clahe":
+        lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+        lab[..., 0] = clahe.apply(lab[..., 0])
+        return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+    raise ValueError(f"unknown normalisation {norm!r}; expected one of {NORMS}")
+
+
+def train_transform(crop):
+    """Online augmentation: random native-resolution crop, flips, rotation/scale,
+    and photometric changes (brightness, contrast, gamma, colour)."""
+    return A.Compose([
+        A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+        A.RandomCrop(crop, crop),
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.Affine(scale=(0.8, 1.25), rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7),
+        A.RandomBrightnessContrast(0.2, 0.2, p=0.7),
+        A.RandomGamma((70, 150), p=0.5),
+        A.HueSaturationValue(10, 20, 10, p=0.5),
+    ])
+
+
+def read_split(data_dir, split):
+    """Ids of one split from data/split.json, checking the folder is there."""
+    path = os.path.join(data_dir, "split.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; run 'python dataset.py --drive DRIVE' first "
+                        f"(or --synthetic) to prepare {data_dir}/")
+    with open(path) as f:
+        ids = json.load(f).get(split, [])
+    if not ids:
+        raise UserError(f"{path}: split '{split}' is empty; prepare {data_dir}/ again with dataset.py")
+    return ids
+
+
+class DriveDataset(Dataset):
+    """Samples of data/<split>: image (3,H,W) float in [0,1], mask (1,H,W) in {0,1},
+    fov (1,H,W) in {0,1}, and the id. With `crop`, returns augmented crops."""
+
+    def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1):
+        self.root = os.path.join(data_dir, split)
+        self.ids = read_split(data_dir, split)
+        self.norm = norm
+        self.repeats = repeats  # random crops drawn from each image per epoch
+        self.transform = train_transform(crop) if crop else None
+        self.cache = {}
+
+    def __len__(self):
+        return len(self.ids) * self.repeats
+
+    def reseed(self, seed):
+        """Make the augmentation stream a function of `seed` (exact --resume)."""
+        if self.transform is not None:
+            self.transform.set_random_seed(seed)
+
+    def load(self, sid):
+        """Normalised uint8 image (H,W,3), vessel and FOV masks (H,W) uint8; cached."""
+        if sid not in self.cache:
+            path = lambda kind: os.path.join(self.root, kind, f"{sid}.png")
+            image = normalize_image(read_image(path("images"), "RGB"), self.norm)
+            self.cache[sid] = (image, read_mask(path("masks")).astype(np.uint8),
+                               read_mask(path("fov")).astype(np.uint8))
+        return self.cache[sid]
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        sid = self.ids[index % len(self.ids)]
+        image, mask, fov = self.load(sid)
+        if self.transform is not None:
+            out = self.transform(image=image, masks=[mask, fov])
+            image, (mask, fov) = out["image"], out["masks"]
+        return (to_tensor_image(image),
+                torch.from_numpy(np.ascontiguousarray(mask))[None].float(),
+                torch.from_numpy(np.ascontiguousarray(fov))[None].float(),
+                sid)

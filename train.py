@@ -1,0 +1,230 @@
+"""Train the U-Net on data/ (prepared by dataset.py); keeps last and best checkpoints.
+
+    python train.py                      # the README's recipe
+    python train.py --resume             # continue runs/unet/last.pt exactly
+    python train.py --max-steps 5        # smoke test
+
+Each epoch draws random native-resolution crops from the training images, then
+scores the full validation images inside their FOV. best.pt is the epoch with the
+highest validation F1; its F1-maximising threshold (chosen on validation) is stored
+in the checkpoint for test.py and predict.py.
+"""
+import argparse
+import csv
+import math
+import os
+import time
+
+import matplotlib
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from loss import DiceBCELoss, DiceLoss  # noqa: E402
+from model import UNet, count_parameters, pad_to_multiple  # noqa: E402
+from preprocess import NORMS, DriveDataset  # noqa: E402
+from utils import (UserError, atomic_path, best_threshold, confusion, create_dir,  # noqa: E402
+                   get_device, run_main, scores, seeding, torch_save)
+
+LOG_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_f1", "val_f1_best", "threshold",
+              "seconds"]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="data", help="prepared data folder (dataset.py --out)")
+    p.add_argument("--out", default="runs/unet", help="run folder: checkpoints, log.csv, curves.png")
+    p.add_argument("--epochs", type=int, default=60, help="epochs to train in all")
+    p.add_argument("--batch-size", type=int, default=4, help="crops per optimizer step")
+    p.add_argument("--crop", type=int, default=256, help="side of the random training crops (multiple of 16)")
+    p.add_argument("--crops-per-image", type=int, default=16, help="crops drawn from each training image per epoch")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Adam)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--sched", choices=("cosine", "plateau"), default="cosine",
+                   help="cosine with linear warm-up (per step), or the blog's ReduceLROnPlateau on val loss")
+    p.add_argument("--warmup", type=float, default=2, help="warm-up epochs for --sched cosine")
+    p.add_argument("--loss", choices=("dicebce", "dice"), default="dicebce", help="training loss")
+    p.add_argument("--base", type=int, default=8, help="U-Net base width (64 is the paper's)")
+    p.add_argument("--norm", choices=NORMS, default="clahe", help="image contrast normalisation")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    p.add_argument("--seed", type=int, default=42, help="random seed")
+    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CKPT",
+                   help="continue from a checkpoint (no value: OUT/last.pt)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps in all (smoke test)")
+    args = p.parse_args(argv)
+    if args.crop % 16 or args.crop < 16:
+        p.error(f"--crop must be a positive multiple of 16, got {args.crop}")
+    return args
+
+
+# ---------------------------------------------------------------- state
+def build(cfg, device, steps_per_epoch):
+    model = UNet(in_ch=3, out_ch=1, base=cfg["base"]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if cfg["sched"] == "cosine":
+        total = cfg["epochs"] * steps_per_epoch
+        warm = max(1, int(cfg["warmup"] * steps_per_epoch))
+
+        def factor(step):  # linear warm-up, then cosine down to 1% of the peak
+            if step < warm:
+                return (step + 1) / warm
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=5)
+    loss_fn = DiceBCELoss() if cfg["loss"] == "dicebce" else DiceLoss()
+    return model, optimizer, scheduler, loss_fn
+
+
+def load_resume(path, device):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no checkpoint to resume from; drop --resume to start a new run")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "scheduler", "config"} <= set(ckpt):
+        raise UserError(f"{path}: not a training checkpoint of this repo (needs model, optimizer, "
+                        "scheduler and config)")
+    return ckpt
+
+
+# ---------------------------------------------------------------- one epoch
+def train_epoch(model, loader, optimizer, scheduler, loss_fn, device, step, max_steps, epoch):
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
+    for image, mask, fov, _ in bar:
+        if max_steps is not None and step >= max_steps:
+            break
+        image, mask, fov = image.to(device), mask.to(device), fov.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(image), mask, fov)  # logits (N,1,crop,crop)
+        loss.backward()
+        optimizer.step()
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.step()
+        step += 1
+        total, count = total + loss.item(), count + 1
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1), step
+
+
+@torch.no_grad()
+def validate(model, dataset, loss_fn, device):
+    """Full validation images at native size: mean loss, F1 at 0.5, best threshold and its F1."""
+    model.eval()
+    losses, probs, truths = [], [], []
+    for i in range(len(dataset)):
+        image, mask, fov, _ = dataset[i]
+        x, (h, w) = pad_to_multiple(image[None].to(device))
+        logits = model(x)[..., :h, :w]  # (1,1,H,W)
+        losses.append(loss_fn(logits, mask[None].to(device), fov[None].to(device)).item())
+        inside = fov[0].bool().numpy()
+        probs.append(torch.sigmoid(logits)[0, 0].cpu().numpy()[inside])
+        truths.append(mask[0].bool().numpy()[inside])
+    probs, truths = np.concatenate(probs), np.concatenate(truths)
+    f1_half = scores(*confusion(probs >= 0.5, truths))["f1"]
+    threshold, f1_best = best_threshold(probs, truths)
+    return float(np.mean(losses)), f1_half, threshold, f1_best
+
+
+# ---------------------------------------------------------------- log and curves
+def write_log(out, history):
+    with atomic_path(os.path.join(out, "log.csv")) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(history)
+    plot_curves(os.path.join(out, "curves.png"), history)
+
+
+def plot_curves(path, history):
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot(epochs, [r["train_loss"] for r in history], label="train")
+    ax1.plot(epochs, [r["val_loss"] for r in history], label="validation")
+    ax1.set(xlabel="epoch", ylabel="Dice+BCE loss", title="loss")
+    ax1.legend()
+    ax2.plot(epochs, [r["val_f1"] for r in history], label="F1 at 0.5")
+    ax2.plot(epochs, [r["val_f1_best"] for r in history], label="F1 at best threshold")
+    ax2.set(xlabel="epoch", ylabel="F1 inside FOV", title="validation F1")
+    ax2.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None):
+    args = get_args(argv)
+    device = get_device(args.device)
+    ckpt = None
+    if args.resume:
+        ckpt = load_resume(os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume,
+                           device)
+        cfg = dict(ckpt["config"], epochs=args.epochs, device=args.device, max_steps=args.max_steps,
+                   out=args.out)
+    else:
+        cfg = vars(args).copy()
+    seeding(cfg["seed"])
+    train_ds = DriveDataset(cfg["data"], "train", cfg["norm"], crop=cfg["crop"], repeats=cfg["crops_per_image"])
+    val_ds = DriveDataset(cfg["data"], "val", cfg["norm"])
+    steps_per_epoch = math.ceil(len(train_ds) / cfg["batch_size"])
+    model, optimizer, scheduler, loss_fn = build(cfg, device, steps_per_epoch)
+    cfg["parameters"] = count_parameters(model)
+    start, step, best, history = 0, 0, -1.0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start, step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best_f1"], ckpt["history"]
+    create_dir(cfg["out"])
+    print(f"device {device} | U-Net base {cfg['base']} ({cfg['parameters']:,} parameters) | "
+          f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
+          f"{len(val_ds.ids)} val | epochs {start + 1}..{cfg['epochs']}")
+
+    for epoch in range(start + 1, cfg["epochs"] + 1):
+        t0 = time.time()
+        # augmentation and order depend on (seed, epoch) alone, so --resume repeats them exactly
+        train_ds.reseed(cfg["seed"] * 1000 + epoch)
+        loader = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=True, drop_last=False,
+                            num_workers=cfg["workers"],
+                            generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
+        train_loss, step = train_epoch(model, loader, optimizer, scheduler, loss_fn, device, step,
+                                       cfg["max_steps"], epoch)
+        val_loss, val_f1, threshold, val_f1_best = validate(model, val_ds, loss_fn, device)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val_loss)
+        row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
+               "val_f1": round(val_f1, 5), "val_f1_best": round(val_f1_best, 5),
+               "threshold": round(threshold, 4), "seconds": round(time.time() - t0, 1)}
+        history.append(row)
+        improved = val_f1_best > best
+        best = max(best, val_f1_best)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+                 "best_f1": best, "threshold": threshold, "val_f1": val_f1_best,
+                 "config": cfg, "history": history}
+        torch_save(state, os.path.join(cfg["out"], "last.pt"))
+        if improved:
+            torch_save(state, os.path.join(cfg["out"], "best.pt"))
+        write_log(cfg["out"], history)
+        print(f"epoch {epoch:3d}/{cfg['epochs']} | train loss {train_loss:.4f} | val loss {val_loss:.4f} "
+              f"| val F1 {val_f1:.4f} (best thr {threshold:.2f}: {val_f1_best:.4f})"
+              f"{' *' if improved else ''} | {row['seconds']:.0f}s", flush=True)
+        if cfg["max_steps"] is not None and step >= cfg["max_steps"]:
+            print(f"reached --max-steps {cfg['max_steps']}")
+            break
+    print(f"best val F1 {best:.4f}; checkpoints in {cfg['out']}/ (best.pt, last.pt), log.csv, curves.png")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,286 @@
+"""Helpers shared by the scripts: seeding, dirs, timing, devices, safe writes,
+image reading, metrics, inference and run-length encoding of masks."""
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from model import MULTIPLE, UNet, pad_to_multiple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED_WEIGHTS = os.path.join(HERE, "weights", "drive_unet.pt")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 1."""
+
+
+# ---------------------------------------------------------------- seeding, dirs, time
+def seeding(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def create_dir(path):
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def epoch_time(start, end):
+    """Seconds between two time.time() stamps as (minutes, seconds)."""
+    elapsed = end - start
+    return int(elapsed // 60), int(elapsed % 60)
+
+
+def get_device(name="auto"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Context manager measuring wall time of a block, device-synchronised."""
+
+    def __init__(self, device=None):
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self):
+        if self.device is not None:
+            sync(self.device)
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device is not None:
+            sync(self.device)
+        self.seconds = time.perf_counter() - self._t
+
+
+# ---------------------------------------------------------------- safe writes
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path beside `path`; rename it onto `path` only on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    create_dir(folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a fresh temp folder beside `path`; it replaces `path` only on success."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    create_dir(parent)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(path)) + "-", dir=parent)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(path):
+            old = tmp + ".old"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def save_png(path, array):
+    """Write a uint8 array as PNG atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def torch_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# ---------------------------------------------------------------- image reading
+def read_image(path, mode):
+    """Read an image file as a uint8 array; mode 'RGB' -> (H,W,3), 'L' -> (H,W)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if mode == "RGB" and im.mode in ("I;16", "I;16B", "I"):
+                im = Image.fromarray((np.array(im, dtype=np.float64) / 257).astype(np.uint8))
+            return np.array(im.convert(mode))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: cannot read image ({e.__class__.__name__}: {e}); "
+                        "re-download or replace this file")
+
+
+def read_mask(path):
+    """Read a binary mask (vessels or FOV) as bool (H,W): > 127 is foreground."""
+    return read_image(path, "L") > 127
+
+
+# ---------------------------------------------------------------- checkpoints and inference
+def load_model(path, device):
+    """Rebuild the model from a checkpoint alone; returns (model, checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: checkpoint not found; train one with train.py or pass --checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise UserError(f"{path}: not a readable checkpoint ({e.__class__.__name__})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint of this repo (no 'model' and 'config' entries)")
+    cfg = ckpt["config"]
+    model = UNet(in_ch=3, out_ch=1, base=cfg["base"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path}: weights do not fit UNet(base={cfg['base']}): {first}")
+    return model.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def predict_probs(model, image, tta=False, tile=1024, overlap=64):
+    """Vessel probabilities for one image.
+
+    image: float tensor (3, H, W) in [0, 1] on the model's device.
+    Returns float tensor (H, W) in [0, 1]. Images larger than `tile` are cut into
+    overlapping tiles so memory stays bounded whatever the image size.
+    """
+    h, w = image.shape[-2:]
+    if h <= tile and w <= tile:
+        return _predict_whole(model, image[None], tta)[0, 0]
+    out = torch.zeros(h, w, device=image.device)
+    weight = torch.zeros(h, w, device=image.device)
+    step = tile - overlap
+    for y0 in range(0, max(h - overlap, 1), step):
+        for x0 in range(0, max(w - overlap, 1), step):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            out[y0:y1, x0:x1] += _predict_whole(model, image[None, :, y0:y1, x0:x1], tta)[0, 0]
+            weight[y0:y1, x0:x1] += 1
+    return out / weight
+
+
+def _predict_whole(model, x, tta):
+    """x: (N,3,H,W) -> probabilities (N,1,H,W); pads to a multiple of 16 and crops back."""
+    xp, (h, w) = pad_to_multiple(x, MULTIPLE)
+    logits = model(xp)
+    probs = torch.sigmoid(logits)
+    if tta:  # average with the horizontally and vertically flipped views
+        for dims in ((3,), (2,)):
+            probs = probs + torch.sigmoid(model(xp.flip(dims))).flip(dims)
+        probs = probs / 3
+    return probs[..., :h, :w]
+
+
+def to_tensor_image(rgb):
+    """uint8 (H,W,3) -> float tensor (3,H,W) in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float() / 255.0
+
+
+# ---------------------------------------------------------------- metrics
+def confusion(pred, truth, fov=None):
+    """Counts (tp, fp, fn, tn) of bool arrays, only where fov is True."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if fov is not None:
+        fov = np.asarray(fov, bool)
+        pred, truth = pred[fov], truth[fov]
+    tp = int(np.count_nonzero(pred & truth))
+    fp = int(np.count_nonzero(pred & ~truth))
+    fn = int(np.count_nonzero(~pred & truth))
+    tn = int(pred.size - tp - fp - fn)
+    return tp, fp, fn, tn
+
+
+def scores(tp, fp, fn, tn):
+    """Jaccard, F1 (Dice), recall, precision, specificity, accuracy from counts."""
+    def div(a, b):
+        return a / b if b else 0.0
+    return {
+        "jaccard": div(tp, tp + fp + fn),
+        "f1": div(2 * tp, 2 * tp + fp + fn),
+        "recall": div(tp, tp + fn),
+        "precision": div(tp, tp + fp),
+        "specificity": div(tn, tn + fp),
+        "accuracy": div(tp + tn, tp + fp + fn + tn),
+    }
+
+
+def best_threshold(probs, truth, grid=None):
+    """Threshold in `grid` maximising pooled F1; probs float array, truth bool array.
+
+    Uses a 256-bin histogram so the sweep is one pass over the pixels.
+    Returns (threshold, f1).
+    """
+    bins = np.clip((np.asarray(probs) * 255).round().astype(np.int64), 0, 255)
+    truth = np.asarray(truth, bool)
+    pos = np.bincount(bins[truth], minlength=256)
+    neg = np.bincount(bins[~truth], minlength=256)
+    # predicted positive = bins >= k: cumulative sums from the top
+    tp = pos[::-1].cumsum()[::-1]
+    fp = neg[::-1].cumsum()[::-1]
+    fn = pos.sum() - tp
+    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    ks = np.arange(256) if grid is None else np.asarray(grid)
+    k = ks[np.argmax(f1[ks])]
+    return float(k / 255), float(f1[k])
+
+
+# ---------------------------------------------------------------- run-length encoding
+def rle_encode(mask):
+    """Run-length encode a 2-D mask: pixels in row-major (C) order, 1-based starts.
+
+    Returns a string "start length start length ..." ('' for an empty mask).
+    """
+    flat = np.asarray(mask, bool).ravel(order="C")
+    padded = np.concatenate([[False], flat, [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1]) + 1  # 1-based positions of changes
+    starts, ends = edges[0::2], edges[1::2]
+    return " ".join(f"{s} {e - s}" for s, e in zip(starts, ends))
+
+
+def rle_decode(runs, shape):
+    """Inverse of rle_encode: runs string, (H, W) -> bool mask."""
+    flat = np.zeros(shape[0] * shape[1], dtype=bool)
+    values = [int(v) for v in runs.split()]
+    if len(values) % 2:
+        raise ValueError("run-length string has an odd number of values")
+    for start, length in zip(values[0::2], values[1::2]):
+        if start < 1 or length < 0 or start - 1 + length > flat.size:
+            raise ValueError(f"run {start} {length} falls outside a mask of {shape}")
+        flat[start - 1:start - 1 + length] = True
+    return flat.reshape(shape)
+
+
+def run_main(main):
+    """Run a script's main(): user errors become one line on stderr and exit 1."""
+    import sys
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
