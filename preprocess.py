@@ -3,13 +3,15 @@ training and inference."""
 import json
 import os
 
-import albumentations as A
-import cv2
-import numpy as np
-import torch
-from torch.utils.data import Dataset
+# albumentations asks PyPI for a newer version at import; this repo makes no network calls
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 
-from utils import UserError, read_image, read_mask, to_tensor_image
+from utils import UserError, read_image, read_mask, to_tensor_image  # noqa: E402
 
 NORMS = ("rgb", "clahe")
 
@@ -45,14 +47,23 @@ def train_transform(crop):
     ])
 
 
-def read_split(data_dir, split):
-    """Ids of one split from data/split.json, checking the folder is there."""
+def read_split_meta(data_dir):
+    """data/split.json as a dict, with a clear error when data/ was not prepared."""
     path = os.path.join(data_dir, "split.json")
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing; run 'python dataset.py --drive DRIVE' first "
                         f"(or --synthetic) to prepare {data_dir}/")
-    with open(path) as f:
-        ids = json.load(f).get(split, [])
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); prepare {data_dir}/ again with dataset.py")
+
+
+def read_split(data_dir, split):
+    """Ids of one split from data/split.json."""
+    path = os.path.join(data_dir, "split.json")
+    ids = read_split_meta(data_dir).get(split, [])
     if not ids:
         raise UserError(f"{path}: split '{split}' is empty; prepare {data_dir}/ again with dataset.py")
     return ids

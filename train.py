@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from loss import DiceBCELoss, DiceLoss  # noqa: E402
 from model import UNet, count_parameters, pad_to_multiple  # noqa: E402
-from preprocess import NORMS, DriveDataset  # noqa: E402
+from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
 from utils import (UserError, atomic_path, best_threshold, confusion, create_dir,  # noqa: E402
                    get_device, run_main, scores, seeding, torch_save)
 
@@ -179,6 +179,7 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(train_ds) / cfg["batch_size"])
     model, optimizer, scheduler, loss_fn = build(cfg, device, steps_per_epoch)
     cfg["parameters"] = count_parameters(model)
+    cfg["input_size"] = read_split_meta(cfg["data"]).get("size")  # (W, H) when dataset.py --resize
     start, step, best, history = 0, 0, -1.0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from model import MULTIPLE, UNet, pad_to_multiple
@@ -161,13 +162,20 @@ def load_model(path, device):
 
 
 @torch.no_grad()
-def predict_probs(model, image, tta=False, tile=1024, overlap=64):
+def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64):
     """Vessel probabilities for one image.
 
     image: float tensor (3, H, W) in [0, 1] on the model's device.
+    size: (W, H) the model was trained at when data was resized (dataset.py --resize);
+    the image is resized to it and the probabilities back to (H, W).
     Returns float tensor (H, W) in [0, 1]. Images larger than `tile` are cut into
     overlapping tiles so memory stays bounded whatever the image size.
     """
+    if size is not None and tuple(size) != (image.shape[-1], image.shape[-2]):
+        resized = F.interpolate(image[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)
+        probs = predict_probs(model, resized[0], tta, None, tile, overlap)
+        return F.interpolate(probs[None, None], size=image.shape[-2:], mode="bilinear",
+                             align_corners=False)[0, 0]
     h, w = image.shape[-2:]
     if h <= tile and w <= tile:
         return _predict_whole(model, image[None], tta)[0, 0]
@@ -230,8 +238,9 @@ def scores(tp, fp, fn, tn):
 def best_threshold(probs, truth, grid=None):
     """Threshold in `grid` maximising pooled F1; probs float array, truth bool array.
 
-    Uses a 256-bin histogram so the sweep is one pass over the pixels.
-    Returns (threshold, f1).
+    Uses a 256-bin histogram (p rounded to k/255) so the sweep is one pass over the
+    pixels. Bin k >= K holds exactly the p >= (K - 0.5)/255, which is the threshold
+    returned, so `probs >= threshold` reproduces the F1. Returns (threshold, f1).
     """
     bins = np.clip((np.asarray(probs) * 255).round().astype(np.int64), 0, 255)
     truth = np.asarray(truth, bool)
@@ -244,7 +253,7 @@ def best_threshold(probs, truth, grid=None):
     f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
     ks = np.arange(256) if grid is None else np.asarray(grid)
     k = ks[np.argmax(f1[ks])]
-    return float(k / 255), float(f1[k])
+    return float(max(0.0, (k - 0.5) / 255)), float(f1[k])
 
 
 # ---------------------------------------------------------------- run-length encoding

@@ -1,0 +1,189 @@
+"""Score a checkpoint on the DRIVE test split at native resolution, inside the FOV.
+
+    python test.py                                   # runs/unet/best.pt, else the shipped weights
+    python test.py --checkpoint weights/drive_unet.pt --tta
+
+Writes to --out: metrics.json (pooled over all test pixels, per-image mean/std, the
+second annotator, FPS), per_image.csv, pred/ID.png (binary masks), prob/ID.png
+(probabilities x255), side/ID.png (image | truth | prediction | error map) and
+roc_pr.png. Error maps: white = vessel found, red = false positive, blue = missed.
+"""
+import argparse
+import csv
+import json
+import os
+
+import matplotlib
+import numpy as np
+import torch
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from preprocess import normalize_image, read_split  # noqa: E402
+from utils import (SHIPPED_WEIGHTS, Timer, UserError, atomic_dir, atomic_path, confusion,  # noqa: E402
+                   get_device, load_model, predict_probs, read_image, read_mask, run_main,
+                   save_png, scores, to_tensor_image)
+
+METRICS = ["f1", "jaccard", "recall", "precision", "specificity", "accuracy"]
+TRAINED = os.path.join("runs", "unet", "best.pt")
+
+
+def default_checkpoint():
+    return TRAINED if os.path.isfile(TRAINED) else SHIPPED_WEIGHTS
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help=f"model to score (default: {TRAINED} if it exists, else {SHIPPED_WEIGHTS})")
+    p.add_argument("--data", default="data", help="prepared data folder (dataset.py --out)")
+    p.add_argument("--split", default="test", help="split of --data to score")
+    p.add_argument("--out", default="results", help="folder for metrics, masks and pictures")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold (default: the one chosen on validation, in the checkpoint)")
+    p.add_argument("--tta", action="store_true", help="average predictions over flipped views")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    args = p.parse_args(argv)
+    args.checkpoint = args.checkpoint or default_checkpoint()
+    return args
+
+
+# ---------------------------------------------------------------- pictures
+def error_map(pred, truth, fov):
+    """RGB uint8: TP white, FP red, FN blue, FOV rim grey, rest black."""
+    out = np.zeros(pred.shape + (3,), np.uint8)
+    out[fov] = (40, 40, 40)
+    out[pred & truth] = (255, 255, 255)
+    out[pred & ~truth] = (255, 40, 40)
+    out[~pred & truth] = (40, 110, 255)
+    return out
+
+
+def side_by_side(image, truth, pred, errors):
+    """(H, 4W+30, 3): image | truth | prediction | error map, 10-px grey gaps."""
+    gap = np.full((image.shape[0], 10, 3), 128, np.uint8)
+    gray = lambda m: np.repeat(m[..., None].astype(np.uint8) * 255, 3, axis=2)
+    return np.concatenate([image, gap, gray(truth), gap, gray(pred), gap, errors], axis=1)
+
+
+def plot_curves(path, truth, probs):
+    fpr, tpr, _ = roc_curve(truth, probs)
+    precision, recall, _ = precision_recall_curve(truth, probs)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
+    ax1.plot(fpr, tpr)
+    ax1.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (inside FOV)")
+    ax2.plot(recall, precision)
+    ax2.set(xlabel="recall", ylabel="precision", title="precision-recall (inside FOV)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- scoring
+def summarise(rows):
+    """Mean and std over images of each metric in rows."""
+    keys = METRICS + ["auc"]
+    return ({k: float(np.mean([r[k] for r in rows])) for k in keys},
+            {k: float(np.std([r[k] for r in rows])) for k in keys})
+
+
+def second_annotator(root, ids):
+    """Pooled scores of DRIVE's 2nd_manual against 1st_manual, or None if absent."""
+    folder = os.path.join(root, "manual2")
+    if not os.path.isdir(folder):
+        return None
+    counts = np.zeros(4, np.int64)
+    for sid in ids:
+        counts += confusion(read_mask(os.path.join(folder, f"{sid}.png")),
+                            read_mask(os.path.join(root, "masks", f"{sid}.png")),
+                            read_mask(os.path.join(root, "fov", f"{sid}.png")))
+    return scores(*counts)
+
+
+def evaluate(model, ckpt, args, device, out):
+    cfg = ckpt["config"]
+    threshold = args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5)
+    root = os.path.join(args.data, args.split)
+    ids = read_split(args.data, args.split)
+    counts, rows, all_truth, all_probs, seconds = np.zeros(4, np.int64), [], [], [], 0.0
+    for k, sid in enumerate(tqdm(ids, desc="testing", unit="img")):
+        path = lambda kind: os.path.join(root, kind, f"{sid}.png")
+        image = read_image(path("images"), "RGB")
+        truth, fov = read_mask(path("masks")), read_mask(path("fov"))
+        x = to_tensor_image(normalize_image(image, cfg["norm"])).to(device)
+        if k == 0:  # warm-up: first calls allocate and pick kernels
+            for _ in range(2):
+                predict_probs(model, x, tta=args.tta, size=cfg.get("input_size"))
+        with Timer(device) as t:
+            probs = predict_probs(model, x, tta=args.tta, size=cfg.get("input_size"))
+        seconds += t.seconds
+        probs = probs.cpu().numpy() * fov  # zero outside the FOV
+        prob8 = np.round(probs * 255).astype(np.uint8)  # what prob/ID.png stores; AUC uses it too
+        pred = (probs >= threshold) & fov
+        c = confusion(pred, truth, fov)
+        counts += c
+        rows.append({"id": sid, **scores(*c), "auc": float(roc_auc_score(truth[fov], prob8[fov]))})
+        all_truth.append(truth[fov])
+        all_probs.append(prob8[fov])
+        save_png(os.path.join(out, "pred", f"{sid}.png"), pred.astype(np.uint8) * 255)
+        save_png(os.path.join(out, "prob", f"{sid}.png"), prob8)
+        save_png(os.path.join(out, "side", f"{sid}.png"),
+                 side_by_side(image, truth, pred, error_map(pred, truth, fov)))
+    all_truth, all_probs = np.concatenate(all_truth), np.concatenate(all_probs)
+    pooled = dict(scores(*counts), auc=float(roc_auc_score(all_truth, all_probs)))
+    mean, std = summarise(rows)
+    plot_curves(os.path.join(out, "roc_pr.png"), all_truth, all_probs)
+    return {"checkpoint": args.checkpoint, "split": args.split, "n_images": len(ids),
+            "threshold": threshold, "tta": args.tta, "pooled": pooled,
+            "per_image_mean": mean, "per_image_std": std,
+            "second_annotator": second_annotator(root, ids),
+            "device": str(device), "batch_size": 1, "seconds_per_image": seconds / len(ids),
+            "fps": len(ids) / seconds}, rows
+
+
+def write_outputs(out, metrics, rows):
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    with open(os.path.join(out, "per_image.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id"] + METRICS + ["auc"])
+        writer.writeheader()
+        writer.writerows({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}
+                         for r in rows)
+
+
+def report(m):
+    head = f"{'':24s}" + "".join(f"{k:>12s}" for k in METRICS + ["auc"])
+    lines = [head]
+    line = lambda name, d: f"{name:24s}" + "".join(
+        f"{d[k]:12.4f}" if k in d else f"{'-':>12s}" for k in METRICS + ["auc"])
+    lines.append(line("model, pooled", m["pooled"]))
+    lines.append(line("model, per-image mean", m["per_image_mean"]))
+    lines.append(line("  per-image std", m["per_image_std"]))
+    if m["second_annotator"]:
+        lines.append(line("2nd human annotator", m["second_annotator"]))
+    lines.append(f"{m['n_images']} images, threshold {m['threshold']:.3f}{' with flip TTA' if m['tta'] else ''}; "
+                 f"{m['seconds_per_image']:.3f} s/image ({m['fps']:.1f} FPS, batch 1, {m['device']})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = get_device(args.device)
+    model, ckpt = load_model(args.checkpoint, device)
+    print(f"checkpoint {args.checkpoint} (U-Net base {ckpt['config']['base']}, "
+          f"epoch {ckpt.get('epoch', '?')}, val F1 {ckpt.get('val_f1', float('nan')):.4f})")
+    with atomic_dir(args.out) as tmp:
+        metrics, rows = evaluate(model, ckpt, args, device, tmp)
+        write_outputs(tmp, metrics, rows)
+    print(report(metrics))
+    print(f"wrote {args.out}/ (metrics.json, per_image.csv, pred/, prob/, side/, roc_pr.png)")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        run_main(main)

@@ -1,0 +1,44 @@
+import math
+
+import torch
+
+from loss import DiceBCELoss, DiceLoss
+
+BIG = 50.0  # sigmoid(50) == 1 in float32
+
+
+def test_dice_perfect_and_wrong():
+    t = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    logits = (t * 2 - 1) * BIG
+    assert DiceLoss(smooth=0)(logits, t).item() < 1e-6
+    assert abs(DiceLoss(smooth=0)(-logits, t).item() - 1.0) < 1e-6
+
+
+def test_dice_known_value():
+    # logits 0 -> p = 0.5 everywhere; 4 pixels, 1 vessel: dice = 2*0.5 / (2 + 1) = 1/3
+    t = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    loss = DiceLoss(smooth=0)(torch.zeros_like(t), t)
+    assert abs(loss.item() - (1 - 1 / 3)) < 1e-6
+
+
+def test_dicebce_known_value():
+    t = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    loss = DiceBCELoss(smooth=0)(torch.zeros_like(t), t)
+    assert abs(loss.item() - ((1 - 1 / 3) + math.log(2))) < 1e-6
+
+
+def test_stable_for_huge_logits():
+    t = torch.tensor([[[[1.0, 0.0]]]])
+    logits = torch.tensor([[[[-1e4, 1e4]]]], requires_grad=True)
+    loss = DiceBCELoss()(logits, t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert loss.item() > 1000  # BCE of a confident wrong answer is ~1e4 / 2, not inf
+
+
+def test_fov_weight_ignores_outside_pixels():
+    t = torch.tensor([[[[1.0, 0.0, 1.0]]]])
+    w = torch.tensor([[[[1.0, 1.0, 0.0]]]])
+    good = torch.tensor([[[[BIG, -BIG, -BIG]]]])  # wrong only where weight is 0
+    assert DiceBCELoss(smooth=0)(good, t, w).item() < 1e-6
+    assert DiceBCELoss(smooth=0)(good, t).item() > 0.3

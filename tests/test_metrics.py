@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
+
+from utils import best_threshold, confusion, rle_decode, rle_encode, scores
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scores_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    truth = rng.random((40, 30)) < 0.2
+    pred = rng.random((40, 30)) < 0.25
+    fov = rng.random((40, 30)) < 0.8
+    s = scores(*confusion(pred, truth, fov))
+    y, p = truth[fov], pred[fov]
+    assert s["f1"] == pytest.approx(f1_score(y, p))
+    assert s["jaccard"] == pytest.approx(jaccard_score(y, p))
+    assert s["recall"] == pytest.approx(recall_score(y, p))
+    assert s["precision"] == pytest.approx(precision_score(y, p))
+    assert s["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert s["specificity"] == pytest.approx(recall_score(~y, ~p))
+
+
+def test_confusion_counts_only_fov():
+    pred = np.array([[1, 1], [0, 0]], bool)
+    truth = np.array([[1, 0], [1, 0]], bool)
+    assert confusion(pred, truth) == (1, 1, 1, 1)
+    assert confusion(pred, truth, np.array([[1, 0], [0, 0]], bool)) == (1, 0, 0, 0)
+
+
+def test_empty_prediction_scores_zero_not_nan():
+    s = scores(*confusion(np.zeros((4, 4), bool), np.zeros((4, 4), bool)))
+    assert s["f1"] == 0.0 and s["accuracy"] == 1.0
+
+
+def test_best_threshold_matches_brute_force():
+    rng = np.random.default_rng(3)
+    truth = rng.random(5000) < 0.3
+    probs = np.clip(truth * 0.3 + rng.random(5000) * 0.7, 0, 1)
+    k, f1 = best_threshold(probs, truth)
+    brute = max(scores(*confusion(probs >= (t - 0.5) / 255, truth))["f1"] for t in range(256))
+    assert f1 == pytest.approx(brute)
+    assert f1 == pytest.approx(scores(*confusion(probs >= k, truth))["f1"])
+
+
+masks = st.tuples(st.integers(1, 40), st.integers(1, 40)).flatmap(
+    lambda hw: arrays(bool, hw, elements=st.booleans()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(masks)
+def test_rle_round_trip(mask):
+    assert np.array_equal(rle_decode(rle_encode(mask), mask.shape), mask)
+
+
+@pytest.mark.parametrize("mask", [np.zeros((3, 5), bool), np.ones((7, 1), bool), np.ones((565, 584), bool)])
+def test_rle_empty_full_odd(mask):
+    runs = rle_encode(mask)
+    assert runs == ("" if not mask.any() else f"1 {mask.size}")
+    assert np.array_equal(rle_decode(runs, mask.shape), mask)
+
+
+def test_rle_convention_row_major_one_based():
+    mask = np.array([[0, 1, 1], [1, 0, 0]], bool)
+    assert rle_encode(mask) == "2 3"
+    with pytest.raises(ValueError, match="outside"):
+        rle_decode("5 9", (2, 3))

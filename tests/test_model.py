@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from model import UNet, count_parameters, pad_to_multiple
+from utils import predict_probs
+
+
+def test_reference_shape_512():
+    model = UNet(base=4).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 512, 512))
+    assert out.shape == (2, 1, 512, 512)
+
+
+def test_reference_widths():
+    """base=64 is the paper's network: 64-128-256-512 encoder, 1024 bottleneck."""
+    model = UNet(base=64)
+    widths = [enc.conv.body[0].out_channels for enc in model.encoders]
+    assert widths == [64, 128, 256, 512]
+    assert model.bottleneck.body[0].out_channels == 1024
+    assert [d.up.out_channels for d in model.decoders] == [512, 256, 128, 64]
+    assert isinstance(model.decoders[0].up, torch.nn.ConvTranspose2d)
+    assert model.head.kernel_size == (1, 1) and model.head.out_channels == 1
+    assert 31_000_000 < count_parameters(model) < 32_000_000
+
+
+@pytest.mark.parametrize("h,w", [(100, 100), (584, 565), (17, 33)])
+def test_odd_size_rejected_with_message(h, w):
+    with pytest.raises(ValueError, match=f"{h}x{w} is not a multiple of 16"):
+        UNet(base=2)(torch.rand(1, 3, h, w))
+
+
+def test_wrong_channels_rejected():
+    with pytest.raises(ValueError, match=r"expected input \(N, 3, H, W\)"):
+        UNet(base=2)(torch.rand(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("h,w", [(584, 565), (37, 61), (8, 8)])
+def test_padded_prediction_matches_input_size(h, w):
+    x, (oh, ow) = pad_to_multiple(torch.rand(1, 3, h, w))
+    assert x.shape[-2] % 16 == 0 and x.shape[-1] % 16 == 0 and (oh, ow) == (h, w)
+    probs = predict_probs(UNet(base=2).eval(), torch.rand(3, h, w), tta=True)
+    assert probs.shape == (h, w)
+    assert 0 <= probs.min() and probs.max() <= 1
+
+
+def test_tiled_prediction_matches_whole():
+    """Tiles overlap and are averaged: a fully-convolutional net gives nearly the same map."""
+    torch.manual_seed(0)
+    model = UNet(base=2).eval()
+    x = torch.rand(3, 96, 160)
+    whole = predict_probs(model, x, tile=1024)
+    tiled = predict_probs(model, x, tile=64, overlap=32)
+    assert tiled.shape == whole.shape
+    assert (tiled - whole).abs().mean() < 0.05
