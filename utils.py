@@ -2,6 +2,7 @@
 image reading, metrics, inference and run-length encoding of masks."""
 import contextlib
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -130,7 +131,10 @@ def read_image(path, mode):
             return np.array(im.convert(mode))
     except FileNotFoundError:
         raise UserError(f"{path}: file not found")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: cannot read image (not a known image format, or corrupt); "
+                        "re-download or replace this file")
+    except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{path}: cannot read image ({e.__class__.__name__}: {e}); "
                         "re-download or replace this file")
 
@@ -147,7 +151,7 @@ def load_model(path, device):
         raise UserError(f"{path}: checkpoint not found; train one with train.py or pass --checkpoint")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise UserError(f"{path}: not a readable checkpoint ({e.__class__.__name__})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of this repo (no 'model' and 'config' entries)")

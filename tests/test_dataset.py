@@ -1,0 +1,91 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REAL_DRIVE
+from preprocess import DriveDataset
+
+
+def check_prepared(data, n_train, n_val, n_test, size):
+    split = json.load(open(os.path.join(data, "split.json")))
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (n_train, n_val, n_test)
+    assert not set(split["test"]) & (set(split["train"]) | set(split["val"]))
+    assert not set(split["train"]) & set(split["val"])
+    for name in ("train", "val", "test"):
+        for sid in split[name]:
+            for kind in ("images", "masks", "fov"):
+                a = np.array(Image.open(os.path.join(data, name, kind, f"{sid}.png")))
+                assert a.shape[:2] == (size[1], size[0])
+                if kind == "images":
+                    assert a.shape == (size[1], size[0], 3) and a.dtype == np.uint8
+                else:
+                    assert set(np.unique(a)) <= {0, 255}
+    return split
+
+
+def test_synthetic_prepared(synthetic):
+    split = check_prepared(synthetic / "data", 4, 2, 3, (96, 100))
+    assert split["test"] == ["01", "02", "03"]
+    assert all(s.startswith(("2", "3")) for s in split["train"] + split["val"])
+
+
+def test_synthetic_has_drive_layout(synthetic):
+    root = synthetic / "synthetic_DRIVE"
+    assert (root / "training" / "images" / "21_training.tif").is_file()
+    assert (root / "training" / "1st_manual" / "21_manual1.gif").is_file()
+    assert (root / "test" / "mask" / "01_test_mask.gif").is_file()
+    vessel = np.array(Image.open(root / "test" / "1st_manual" / "01_manual1.gif").convert("L")) > 127
+    fov = np.array(Image.open(root / "test" / "mask" / "01_test_mask.gif").convert("L")) > 127
+    assert 0.02 < vessel.mean() < 0.3 and not (vessel & ~fov).any()
+
+
+def test_dataset_items(synthetic):
+    ds = DriveDataset(str(synthetic / "data"), "train", crop=64, repeats=3)
+    assert len(ds) == 12
+    image, mask, fov, sid = ds[5]
+    assert image.shape == (3, 64, 64) and mask.shape == fov.shape == (1, 64, 64)
+    assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    full = DriveDataset(str(synthetic / "data"), "test")
+    assert full[0][0].shape == (3, 100, 96)
+    with pytest.raises(IndexError):
+        full[len(full)]
+
+
+def test_augmentation_reseed_repeats(synthetic):
+    ds = DriveDataset(str(synthetic / "data"), "train", crop=64)
+    ds.reseed(7)
+    a = ds[0][0]
+    ds.reseed(7)
+    assert torch.equal(a, ds[0][0])
+
+
+def test_offline_augment_and_resize(synthetic, tmp_path):
+    from conftest import run_script
+    r = run_script("dataset.py", "--drive", synthetic / "synthetic_DRIVE", "--out", tmp_path / "d",
+                   "--augment", "--resize", "64x64", "--val-count", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    split = json.load(open(tmp_path / "d" / "split.json"))
+    assert len(split["train"]) == 4 * 4 and split["size"] == [64, 64]
+    assert Image.open(tmp_path / "d" / "train" / "images" / f"{split['train'][1]}.png").size == (64, 64)
+    # the test split always keeps native size
+    assert Image.open(tmp_path / "d" / "test" / "images" / "01.png").size == (96, 100)
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_DRIVE), reason="DRIVE not beside the checkout")
+def test_real_drive(tmp_path):
+    from conftest import run_script
+    r = run_script("dataset.py", "--drive", REAL_DRIVE, "--out", tmp_path / "data", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    split = check_prepared(tmp_path / "data", 16, 4, 20, (565, 584))
+    assert split["test"] == [f"{i:02d}" for i in range(1, 21)]
+    assert sorted(split["train"] + split["val"]) == [str(i) for i in range(21, 41)]
+    assert len(os.listdir(tmp_path / "data" / "test" / "manual2")) == 20
+    ds = DriveDataset(str(tmp_path / "data"), "val")
+    image, mask, fov, _ = ds[0]
+    assert image.shape == (3, 584, 565)
+    assert 0.05 < mask.mean() < 0.2 and 0.6 < fov.mean() < 0.8

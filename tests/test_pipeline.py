@@ -1,0 +1,102 @@
+"""dataset.py -> train.py -> test.py on synthetic data, as a user runs them."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REFEREE, run_script
+
+
+def test_training_outputs_and_loss_goes_down(trained):
+    run = trained / "runs" / "unet"
+    for name in ("best.pt", "last.pt", "log.csv", "curves.png"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "epoch", "best_f1", "threshold", "config"} <= set(ckpt)
+    assert ckpt["epoch"] == 3 and ckpt["config"]["base"] == 4
+    assert 0 < ckpt["threshold"] < 1
+
+
+@pytest.fixture(scope="module")
+def tested(trained):
+    r = run_script("test.py", "--tta", cwd=trained)  # default checkpoint: runs/unet/best.pt
+    assert r.returncode == 0, r.stderr
+    assert "runs/unet/best.pt" in r.stdout
+    return trained / "results", r.stdout
+
+
+def test_test_outputs(tested):
+    res, stdout = tested
+    m = json.load(open(res / "metrics.json"))
+    assert m["n_images"] == 3 and m["tta"] and m["batch_size"] == 1 and m["fps"] > 0
+    for k in ("f1", "jaccard", "recall", "precision", "specificity", "accuracy", "auc"):
+        assert 0 <= m["pooled"][k] <= 1 and k in m["per_image_mean"]
+    assert m["pooled"]["auc"] > 0.5  # a few steps already beat chance
+    rows = list(csv.DictReader(open(res / "per_image.csv")))
+    assert [r["id"] for r in rows] == ["01", "02", "03"]
+    for sid in ("01", "02", "03"):
+        pred = np.array(Image.open(res / "pred" / f"{sid}.png"))
+        assert pred.shape == (100, 96) and set(np.unique(pred)) <= {0, 255}
+        assert np.array(Image.open(res / "prob" / f"{sid}.png")).shape == (100, 96)
+        assert np.array(Image.open(res / "side" / f"{sid}.png")).shape == (100, 4 * 96 + 30, 3)
+    assert (res / "roc_pr.png").is_file()
+    assert "model, pooled" in stdout
+
+
+@pytest.mark.skipif(not os.path.isfile(REFEREE), reason="referee drive_score.py not beside the checkout")
+def test_agrees_with_referee(tested, trained):
+    res, _ = tested
+    m = json.load(open(res / "metrics.json"))
+    gt = str(trained / "synthetic_DRIVE")
+    out = subprocess.run([sys.executable, REFEREE, str(res / "pred"), "--gt", gt],
+                         capture_output=True, text=True, check=True).stdout
+    ref = json.loads(out)
+    assert ref["n"] == 3 and not ref["missing"]
+    for k in ("f1", "jaccard", "recall", "precision", "specificity", "accuracy"):
+        assert abs(ref[k] - m["pooled"][k]) < 1e-4, k
+    assert abs(ref["f1_mean"] - m["per_image_mean"]["f1"]) < 1e-4
+    pytest.importorskip("sklearn")
+    out = subprocess.run([sys.executable, REFEREE, str(res / "prob"), "--gt", gt, "--probs"],
+                         capture_output=True, text=True, check=True).stdout
+    assert abs(json.loads(out)["auc"] - m["pooled"]["auc"]) < 1e-4
+
+
+def test_resume_continues_exactly(synthetic, tmp_path):
+    common = ["--data", synthetic / "data", "--crop", 32, "--crops-per-image", 2, "--base", 2]
+    r = run_script("train.py", *common, "--epochs", 2, "--out", tmp_path / "a", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_script("train.py", *common, "--epochs", 1, "--out", tmp_path / "b", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_script("train.py", "--data", synthetic / "data", "--epochs", 2, "--out", tmp_path / "b",
+                   "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "epochs 2..2" in r.stdout
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert b["epoch"] == 2 and len(b["history"]) == 2
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6), k
+    assert a["history"][1]["train_loss"] == b["history"][1]["train_loss"]
+
+
+def test_max_steps_smoke(synthetic, tmp_path):
+    r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
+                   "--out", tmp_path / "s", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "reached --max-steps 2" in r.stdout
+    assert torch.load(tmp_path / "s" / "last.pt", weights_only=False)["step"] == 2
+
+
+@pytest.mark.parametrize("script", ["dataset.py", "train.py", "test.py"])
+def test_help(script, tmp_path):
+    r = run_script(script, "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "default" in r.stdout
