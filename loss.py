@@ -24,17 +24,24 @@ class DiceLoss(nn.Module):
         return 1 - dice
 
 
-class DiceBCELoss(nn.Module):
-    """Dice loss + binary cross-entropy; BCE uses log-sum-exp (binary_cross_entropy_with_logits),
-    so large logits neither overflow nor give log(0)."""
-
-    def __init__(self, smooth=1.0, bce_weight=1.0):
-        super().__init__()
-        self.dice = DiceLoss(smooth)
-        self.bce_weight = bce_weight
+class BCELoss(nn.Module):
+    """Binary cross-entropy averaged over the counted pixels. It uses log-sum-exp
+    (binary_cross_entropy_with_logits), so large logits neither overflow nor give log(0)."""
 
     def forward(self, logits, targets, weight=None):
         bce = F.binary_cross_entropy_with_logits(logits, targets, weight=weight, reduction="sum")
         count = weight.sum() if weight is not None else torch.tensor(float(targets.numel()))
-        bce = bce / count.clamp(min=1)
-        return self.dice(logits, targets, weight) + self.bce_weight * bce
+        return bce / count.clamp(min=1)
+
+
+class DiceBCELoss(nn.Module):
+    """Dice loss + binary cross-entropy (see BCELoss)."""
+
+    def __init__(self, smooth=1.0, bce_weight=1.0):
+        super().__init__()
+        self.dice = DiceLoss(smooth)
+        self.bce = BCELoss()
+        self.bce_weight = bce_weight
+
+    def forward(self, logits, targets, weight=None):
+        return self.dice(logits, targets, weight) + self.bce_weight * self.bce(logits, targets, weight)

@@ -90,6 +90,23 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+class WNet(nn.Module):
+    """Two U-Nets in cascade (Galdran et al., 2022): the second sees the image and the
+    first's vessel probabilities, and refines them. Returns the second's logits
+    (N, out_ch, H, W); with return_all=True also the first's, to supervise both."""
+
+    def __init__(self, in_ch=3, out_ch=1, base=8):
+        super().__init__()
+        self.in_ch = in_ch
+        self.first = UNet(in_ch, out_ch, base)
+        self.second = UNet(in_ch + out_ch, out_ch, base)
+
+    def forward(self, x, return_all=False):
+        first = self.first(x)
+        second = self.second(torch.cat([x, torch.sigmoid(first)], dim=1))
+        return (first, second) if return_all else second
+
+
 def pad_to_multiple(x, multiple=MULTIPLE):
     """Reflect-pad (N, C, H, W) at bottom/right to multiples; returns (padded, (H, W))."""
     h, w = x.shape[-2:]

@@ -13,28 +13,33 @@ from torch.utils.data import Dataset  # noqa: E402
 
 from utils import UserError, read_image, read_mask, to_tensor_image  # noqa: E402
 
-NORMS = ("rgb", "clahe")
+NORMS = {"rgb": 3, "clahe": 3, "green": 1}  # normalisation -> channels it feeds the network
 
 
 def normalize_image(rgb, norm):
     """Contrast normalisation applied before the network, in training and inference.
 
-    rgb: uint8 (H,W,3). 'clahe' equalises local contrast of the lightness channel,
-    which evens out illumination and camera differences while keeping colour.
+    rgb: uint8 (H,W,3) -> uint8 (H,W,NORMS[norm]). 'clahe' equalises local contrast
+    of the lightness channel, which evens out illumination and camera differences while
+    keeping colour; 'green' keeps only the green channel (where vessels contrast most),
+    contrast-equalised the same way.
     """
+    if norm not in NORMS:
+        raise ValueError(f"unknown normalisation {norm!r}; expected one of {tuple(NORMS)}")
     if norm == "rgb":
         return rgb
-    if norm == "clahe":
-        lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
-        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
-        lab[..., 0] = clahe.apply(lab[..., 0])
-        return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
-    raise ValueError(f"unknown normalisation {norm!r}; expected one of {NORMS}")
+    clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+    if norm == "green":
+        return clahe.apply(np.ascontiguousarray(rgb[..., 1]))[..., None]
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    lab[..., 0] = clahe.apply(lab[..., 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
-def train_transform(crop):
+def train_transform(crop, channels=3):
     """Online augmentation: random native-resolution crop, flips, rotation/scale,
-    and photometric changes (brightness, contrast, gamma, colour)."""
+    and photometric changes (brightness, contrast, gamma, and colour when there is any)."""
+    colour = [A.HueSaturationValue(10, 20, 10, p=0.5)] if channels == 3 else []
     return A.Compose([
         A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
         A.RandomCrop(crop, crop),
@@ -43,7 +48,7 @@ def train_transform(crop):
         A.Affine(scale=(0.8, 1.25), rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7),
         A.RandomBrightnessContrast(0.2, 0.2, p=0.7),
         A.RandomGamma((70, 150), p=0.5),
-        A.HueSaturationValue(10, 20, 10, p=0.5),
+        *colour,
     ])
 
 
@@ -70,7 +75,7 @@ def read_split(data_dir, split):
 
 
 class DriveDataset(Dataset):
-    """Samples of data/<split>: image (3,H,W) float in [0,1], mask (1,H,W) in {0,1},
+    """Samples of data/<split>: image (C,H,W) float in [0,1] (C = NORMS[norm]), mask (1,H,W) in {0,1},
     fov (1,H,W) in {0,1}, and the id. With `crop`, returns augmented crops."""
 
     def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1):
@@ -78,7 +83,7 @@ class DriveDataset(Dataset):
         self.ids = read_split(data_dir, split)
         self.norm = norm
         self.repeats = repeats  # random crops drawn from each image per epoch
-        self.transform = train_transform(crop) if crop else None
+        self.transform = train_transform(crop, NORMS[norm]) if crop else None
         self.cache = {}
 
     def __len__(self):
@@ -90,7 +95,7 @@ class DriveDataset(Dataset):
             self.transform.set_random_seed(seed)
 
     def load(self, sid):
-        """Normalised uint8 image (H,W,3), vessel and FOV masks (H,W) uint8; cached."""
+        """Normalised uint8 image (H,W,C), vessel and FOV masks (H,W) uint8; cached."""
         if sid not in self.cache:
             path = lambda kind: os.path.join(self.root, kind, f"{sid}.png")
             image = normalize_image(read_image(path("images"), "RGB"), self.norm)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from model import MULTIPLE, UNet, pad_to_multiple
+from model import MULTIPLE, UNet, WNet, pad_to_multiple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_WEIGHTS = os.path.join(HERE, "weights", "drive_unet.pt")
@@ -156,13 +156,19 @@ def load_model(path, device):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of this repo (no 'model' and 'config' entries)")
     cfg = ckpt["config"]
-    model = UNet(in_ch=3, out_ch=1, base=cfg["base"])
+    model = build_model(cfg)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"{path}: weights do not fit UNet(base={cfg['base']}): {first}")
+        raise UserError(f"{path}: weights do not fit {type(model).__name__}(base={cfg['base']}): {first}")
     return model.to(device).eval(), ckpt
+
+
+def build_model(cfg):
+    """The network a config describes (train.py's resolved arguments)."""
+    net = {"unet": UNet, "wnet": WNet}[cfg.get("arch", "unet")]
+    return net(in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"])
 
 
 @torch.no_grad()
@@ -206,9 +212,9 @@ def _predict_whole(model, x, tta):
     return probs[..., :h, :w]
 
 
-def to_tensor_image(rgb):
-    """uint8 (H,W,3) -> float tensor (3,H,W) in [0,1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float() / 255.0
+def to_tensor_image(image):
+    """uint8 (H,W,C) -> float tensor (C,H,W) in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255.0
 
 
 # ---------------------------------------------------------------- metrics
