@@ -8,7 +8,7 @@ folders (their image files, not recursive) and glob patterns (quoted ones too).
 For each photograph ID (its file stem; PARENT_STEM or a counter when stems repeat)
 --out receives:
   ID_mask.png     binary vessel mask, 0/255, zero outside the field of view (FOV)
-  ID_prob.png     vessel probability x255, zero outside the FOV
+  ID_prob.png     vessel probability p as 255*sqrt(p) (p = (value/255)^2), zero outside the FOV
   ID_overlay.png  the photograph with vessels tinted green and the FOV outlined
 The FOV is the bright disc of the photograph, found automatically (or given with
 --fov). Photographs are rescaled so that the FOV is about --target-fov pixels wide,
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from preprocess import normalize_image
-from utils import (SHIPPED_WEIGHTS, UserError, atomic_path, create_dir, get_device, load_model,
-                   predict_probs, read_image, read_mask, rle_encode, run_main, save_png,
+from utils import (SHIPPED_WEIGHTS, UserError, atomic_path, create_dir, encode_probs, get_device,
+                   load_model, predict_probs, read_image, read_mask, rle_encode, run_main, save_png,
                    to_tensor_image)
 
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif")
@@ -263,7 +263,7 @@ def process(path, sid, model, ckpt, given_fov, args, device):
                     args, device)
     mask = (probs >= threshold) & fov
     save_png(os.path.join(args.out, f"{sid}_mask.png"), mask.astype(np.uint8) * 255)
-    save_png(os.path.join(args.out, f"{sid}_prob.png"), np.round(probs * 255).astype(np.uint8))
+    save_png(os.path.join(args.out, f"{sid}_prob.png"), encode_probs(probs))
     save_png(os.path.join(args.out, f"{sid}_overlay.png"), overlay(rgb, mask, fov))
     return mask
 

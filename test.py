@@ -5,8 +5,8 @@
 
 Writes to --out: metrics.json (pooled over all test pixels, per-image mean/std, the
 second annotator, FPS), per_image.csv, pred/ID.png (binary masks), prob/ID.png
-(probabilities x255), side/ID.png (image | truth | prediction | error map) and
-roc_pr.png. Error maps: white = vessel found, red = false positive, blue = missed.
+(probability p stored as 255*sqrt(p), see utils.encode_probs), side/ID.png
+(image | truth | prediction | error map) and roc_pr.png. Error maps: white = vessel found, red = false positive, blue = missed.
 """
 import argparse
 import csv
@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from preprocess import normalize_image, read_split  # noqa: E402
 from utils import (SHIPPED_WEIGHTS, Timer, UserError, atomic_dir, atomic_path, confusion,  # noqa: E402
-                   get_device, load_model, predict_probs, read_image, read_mask, run_main,
+                   encode_probs, get_device, load_model, predict_probs, read_image, read_mask, run_main,
                    save_png, scores, to_tensor_image)
 
 METRICS = ["f1", "jaccard", "recall", "precision", "specificity", "accuracy"]
@@ -123,7 +123,7 @@ def evaluate(model, ckpt, args, device, out):
             probs = predict_probs(model, x, tta=args.tta, size=cfg.get("input_size"))
         seconds += t.seconds
         probs = probs.cpu().numpy() * fov  # zero outside the FOV
-        prob8 = np.round(probs * 255).astype(np.uint8)  # what prob/ID.png stores; AUC uses it too
+        prob8 = encode_probs(probs)  # what prob/ID.png stores; AUC is computed from it too
         pred = (probs >= threshold) & fov
         c = confusion(pred, truth, fov)
         counts += c

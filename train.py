@@ -28,8 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
 from model import WNet, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
-from utils import (UserError, atomic_path, best_threshold, build_model, confusion,  # noqa: E402
-                   create_dir, get_device, run_main, scores, seeding, torch_save)
+from utils import (UserError, atomic_path, best_threshold, bf16_native, build_model,  # noqa: E402
+                   confusion, create_dir, get_device, run_main, scores, seeding, torch_save)
 
 LOSSES = {"dicebce": DiceBCELoss, "dice": DiceLoss, "bce": BCELoss}
 LOG_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_f1", "val_f1_best", "threshold",
@@ -60,6 +60,10 @@ def get_args(argv=None):
                         "(0 turns it off)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="training arithmetic: bf16 mixed precision (about 1.8x faster where the "
+                        "device runs it natively), fp32, or auto (bf16 when native, else fp32); "
+                        "validation and inference always run in fp32")
     p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CKPT",
                    help="continue from a checkpoint (no value: OUT/last.pt)")
@@ -115,7 +119,7 @@ def load_resume(path, device):
 
 
 # ---------------------------------------------------------------- one epoch
-def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, step, max_steps, epoch):
+def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16, step, max_steps, epoch):
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
@@ -126,8 +130,9 @@ def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, step,
         mask, fov = mask.to(device), fov.to(device)  # (N,1,crop,crop)
         optimizer.zero_grad(set_to_none=True)
         # logits (N,1,crop,crop); a cascade is supervised at both stages
-        outputs = model(image, return_all=True) if isinstance(model, WNet) else (model(image),)
-        loss = sum(loss_fn(logits, mask, fov) for logits in outputs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = model(image, return_all=True) if isinstance(model, WNet) else (model(image),)
+        loss = sum(loss_fn(logits.float(), mask, fov) for logits in outputs)
         loss.backward()
         optimizer.step()
         if ema is not None:
@@ -216,8 +221,9 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start, step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best_f1"], ckpt["history"]
+    bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and bf16_native(device))
     create_dir(cfg["out"])
-    print(f"device {device} | U-Net base {cfg['base']} ({cfg['parameters']:,} parameters) | "
+    print(f"device {device}{' bf16' if bf16 else ''} | {cfg['arch']} base {cfg['base']} ({cfg['parameters']:,} parameters) | "
           f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
           f"{len(val_ds.ids)} val | epochs {start + 1}..{cfg['epochs']}")
 
@@ -228,8 +234,8 @@ def main(argv=None):
         loader = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=True, drop_last=False,
                             num_workers=cfg["workers"],
                             generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
-        train_loss, step = train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, step,
-                                       cfg["max_steps"], epoch)
+        train_loss, step = train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
+                                       step, cfg["max_steps"], epoch)
         val_loss, val_f1, threshold, val_f1_best = validate(scored, val_ds, loss_fn, device)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val_loss)

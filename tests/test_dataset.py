@@ -56,6 +56,12 @@ def test_dataset_items(synthetic):
         full[len(full)]
 
 
+def test_green_input_has_one_channel(synthetic):
+    ds = DriveDataset(str(synthetic / "data"), "train", norm="green", crop=64)
+    image, mask, _, _ = ds[0]
+    assert image.shape == (1, 64, 64) and mask.shape == (1, 64, 64)
+
+
 def test_augmentation_reseed_repeats(synthetic):
     ds = DriveDataset(str(synthetic / "data"), "train", crop=64)
     ds.reseed(7)

@@ -42,3 +42,13 @@ def test_fov_weight_ignores_outside_pixels():
     good = torch.tensor([[[[BIG, -BIG, -BIG]]]])  # wrong only where weight is 0
     assert DiceBCELoss(smooth=0)(good, t, w).item() < 1e-6
     assert DiceBCELoss(smooth=0)(good, t).item() > 0.3
+
+
+def test_bce_known_value_and_fov():
+    from loss import BCELoss
+    t = torch.tensor([[[[1.0, 0.0, 1.0]]]])
+    w = torch.tensor([[[[1.0, 1.0, 0.0]]]])
+    assert abs(BCELoss()(torch.zeros_like(t), t).item() - math.log(2)) < 1e-6
+    # logit 2 on a vessel costs log(1 + e^-2); the uncounted third pixel does not matter
+    logits = torch.tensor([[[[2.0, -BIG, BIG]]]])
+    assert abs(BCELoss()(logits, t, w).item() - math.log1p(math.exp(-2)) / 2) < 1e-6

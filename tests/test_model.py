@@ -53,3 +53,13 @@ def test_tiled_prediction_matches_whole():
     tiled = predict_probs(model, x, tile=64, overlap=32)
     assert tiled.shape == whole.shape
     assert (tiled - whole).abs().mean() < 0.05
+
+
+def test_wnet_cascade_shapes():
+    from model import WNet
+    model = WNet(in_ch=1, base=2).eval()
+    x = torch.rand(2, 1, 64, 48)
+    first, second = model(x, return_all=True)
+    assert first.shape == second.shape == (2, 1, 64, 48)
+    assert torch.equal(model(x), second)
+    assert model.second.in_ch == 2  # the image and the first stage's probabilities

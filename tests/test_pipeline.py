@@ -88,12 +88,19 @@ def test_resume_continues_exactly(synthetic, tmp_path):
     assert a["history"][1]["train_loss"] == b["history"][1]["train_loss"]
 
 
-def test_max_steps_smoke(synthetic, tmp_path):
+def test_max_steps_smoke_other_options(synthetic, tmp_path):
+    """The other model, input and loss options train, and test.py rebuilds them from the checkpoint."""
     r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
+                   "--arch", "wnet", "--norm", "green", "--loss", "bce", "--precision", "fp32",
                    "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "reached --max-steps 2" in r.stdout
-    assert torch.load(tmp_path / "s" / "last.pt", weights_only=False)["step"] == 2
+    ckpt = torch.load(tmp_path / "s" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["config"]["in_ch"] == 1
+    r = run_script("test.py", "--checkpoint", tmp_path / "s" / "last.pt", "--data", synthetic / "data",
+                   "--out", tmp_path / "res", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(tmp_path / "res" / "metrics.json"))["n_images"] == 3
 
 
 @pytest.mark.parametrize("script", ["dataset.py", "train.py", "test.py"])
