@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import UserError, atomic_dir, create_dir, read_image, read_mask, run_main
+from utils import HelpFormatter, UserError, atomic_dir, create_dir, read_image, read_mask, run_main
 
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".ppm", ".gif", ".bmp")
 SPLITS = {"training": ("images", "1st_manual", "mask"), "test": ("images", "1st_manual", "mask")}
@@ -215,7 +215,7 @@ def parse_size(text):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--drive", default=None,
                    help="DRIVE root with training/ and test/ (default: DRIVE/, or "
                         "synthetic_DRIVE/ with --synthetic)")

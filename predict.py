@@ -29,19 +29,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from preprocess import normalize_image
-from utils import (SHIPPED_WEIGHTS, UserError, atomic_path, create_dir, encode_probs, get_device,
-                   load_model, predict_probs, read_image, read_mask, rle_encode, run_main, save_png,
-                   to_tensor_image)
+from utils import (SHIPPED_WEIGHTS, HelpFormatter, UserError, atomic_path, create_dir, encode_probs,
+                   get_device, load_model, predict_probs, read_image, read_mask, rle_encode, run_main,
+                   save_png, to_tensor_image)
 
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif")
 DRIVE_SIZE = (565, 584)  # (W, H) of DRIVE photographs, the scale --target-fov refers to
 RESCALE_TOLERANCE = 0.10  # FOVs within 10% of the target are used as they are
 VESSEL_TINT = np.array([60, 255, 60], np.float32)  # bright green
 FOV_OUTLINE = (0, 170, 255)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the layout of the epilog."""
 
 
 def parse_threshold(text):
@@ -70,7 +66,9 @@ def get_args(argv=None):
                                 formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="PATH",
                    help="image files, folders of images, or glob patterns")
-    p.add_argument("--checkpoint", default=SHIPPED_WEIGHTS, help="model to segment with")
+    p.add_argument("--checkpoint", default=SHIPPED_WEIGHTS,
+                   help="model to segment with (default: the shipped weights, weights/drive_unet.pt "
+                        "in this repo)")
     p.add_argument("--out", default="predictions", help="folder for the masks, probabilities and overlays")
     p.add_argument("--threshold", type=parse_threshold, default=None,
                    help="probability threshold (default: the one chosen on validation, stored in "

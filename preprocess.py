@@ -94,13 +94,15 @@ class DriveDataset(Dataset):
         if self.transform is not None:
             self.transform.set_random_seed(seed)
 
+    def path(self, kind, sid):
+        return os.path.join(self.root, kind, f"{sid}.png")
+
     def load(self, sid):
         """Normalised uint8 image (H,W,C), vessel and FOV masks (H,W) uint8; cached."""
         if sid not in self.cache:
-            path = lambda kind: os.path.join(self.root, kind, f"{sid}.png")
-            image = normalize_image(read_image(path("images"), "RGB"), self.norm)
-            self.cache[sid] = (image, read_mask(path("masks")).astype(np.uint8),
-                               read_mask(path("fov")).astype(np.uint8))
+            image = normalize_image(read_image(self.path("images", sid), "RGB"), self.norm)
+            self.cache[sid] = (image, read_mask(self.path("masks", sid)).astype(np.uint8),
+                               read_mask(self.path("fov", sid)).astype(np.uint8))
         return self.cache[sid]
 
     def __getitem__(self, index):

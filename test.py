@@ -4,9 +4,10 @@
     python test.py --checkpoint weights/drive_unet.pt --tta
 
 Writes to --out: metrics.json (pooled over all test pixels, per-image mean/std, the
-second annotator, FPS), per_image.csv, pred/ID.png (binary masks), prob/ID.png
+second annotator, FPS), per_image.csv, summary.md (a Markdown table), pred/ID.png (binary masks), prob/ID.png
 (probability p stored as 255*sqrt(p), see utils.encode_probs), side/ID.png
-(image | truth | prediction | error map) and roc_pr.png. Error maps: white = vessel found, red = false positive, blue = missed.
+(image | truth | prediction | error map) and roc_pr.png. Error maps: white = vessel
+found, red = false positive, blue = missed.
 """
 import argparse
 import csv
@@ -23,9 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from preprocess import normalize_image, read_split  # noqa: E402
-from utils import (SHIPPED_WEIGHTS, Timer, UserError, atomic_dir, atomic_path, confusion,  # noqa: E402
-                   encode_probs, get_device, load_model, predict_probs, read_image, read_mask, run_main,
-                   save_png, scores, to_tensor_image)
+from utils import (SHIPPED_WEIGHTS, HelpFormatter, Timer, atomic_dir, atomic_path,  # noqa: E402
+                   confusion, encode_probs, get_device, load_model, predict_probs, read_image,
+                   read_mask, run_main, save_png, scores, to_tensor_image)
 
 METRICS = ["f1", "jaccard", "recall", "precision", "specificity", "accuracy"]
 TRAINED = os.path.join("runs", "unet", "best.pt")
@@ -37,9 +38,10 @@ def default_checkpoint():
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=None,
-                   help=f"model to score (default: {TRAINED} if it exists, else {SHIPPED_WEIGHTS})")
+                   help=f"model to score (default: {TRAINED} if it exists, else the shipped weights, "
+                        "weights/drive_unet.pt in this repo)")
     p.add_argument("--data", default="data", help="prepared data folder (dataset.py --out)")
     p.add_argument("--split", default="test", help="split of --data to score")
     p.add_argument("--out", default="results", help="folder for metrics, masks and pictures")
@@ -66,18 +68,30 @@ def error_map(pred, truth, fov):
 def side_by_side(image, truth, pred, errors):
     """(H, 4W+30, 3): image | truth | prediction | error map, 10-px grey gaps."""
     gap = np.full((image.shape[0], 10, 3), 128, np.uint8)
-    gray = lambda m: np.repeat(m[..., None].astype(np.uint8) * 255, 3, axis=2)
-    return np.concatenate([image, gap, gray(truth), gap, gray(pred), gap, errors], axis=1)
+    truth, pred = (np.repeat(m[..., None].astype(np.uint8) * 255, 3, axis=2) for m in (truth, pred))
+    return np.concatenate([image, gap, truth, gap, pred, gap, errors], axis=1)
 
 
-def plot_curves(path, truth, probs):
+def plot_curves(path, truth, probs, model, human=None):
+    """ROC and precision-recall curves of the pooled FOV pixels, with the model's operating
+    point (its threshold) and, when given, the second human annotator's as dots."""
     fpr, tpr, _ = roc_curve(truth, probs)
     precision, recall, _ = precision_recall_curve(truth, probs)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
-    ax1.plot(fpr, tpr)
-    ax1.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (inside FOV)")
-    ax2.plot(recall, precision)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ax1.plot(fpr, tpr, label=f"model (AUC {model['auc']:.4f})")
+    ax2.plot(recall, precision, label="model")
+    points = [("model at its threshold", model, "o")]
+    if human:
+        points.append(("2nd human annotator", human, "s"))
+    for name, d, marker in points:
+        ax1.plot(1 - d["specificity"], d["recall"], marker, label=name)
+        ax2.plot(d["recall"], d["precision"], marker, label=f"{name} (F1 {d['f1']:.3f})")
+    ax1.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (inside FOV)",
+            xlim=(0, 0.3), ylim=(0.5, 1.0))  # the corner where the curves differ
     ax2.set(xlabel="recall", ylabel="precision", title="precision-recall (inside FOV)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right" if ax is ax1 else "lower left")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -112,9 +126,9 @@ def evaluate(model, ckpt, args, device, out):
     ids = read_split(args.data, args.split)
     counts, rows, all_truth, all_probs, seconds = np.zeros(4, np.int64), [], [], [], 0.0
     for k, sid in enumerate(tqdm(ids, desc="testing", unit="img")):
-        path = lambda kind: os.path.join(root, kind, f"{sid}.png")
-        image = read_image(path("images"), "RGB")
-        truth, fov = read_mask(path("masks")), read_mask(path("fov"))
+        image = read_image(os.path.join(root, "images", f"{sid}.png"), "RGB")
+        truth = read_mask(os.path.join(root, "masks", f"{sid}.png"))
+        fov = read_mask(os.path.join(root, "fov", f"{sid}.png"))
         x = to_tensor_image(normalize_image(image, cfg["norm"])).to(device)
         if k == 0:  # warm-up: first calls allocate and pick kernels
             for _ in range(2):
@@ -137,11 +151,11 @@ def evaluate(model, ckpt, args, device, out):
     all_truth, all_probs = np.concatenate(all_truth), np.concatenate(all_probs)
     pooled = dict(scores(*counts), auc=float(roc_auc_score(all_truth, all_probs)))
     mean, std = summarise(rows)
-    plot_curves(os.path.join(out, "roc_pr.png"), all_truth, all_probs)
+    human = second_annotator(root, ids)
+    plot_curves(os.path.join(out, "roc_pr.png"), all_truth, all_probs, pooled, human)
     return {"checkpoint": args.checkpoint, "split": args.split, "n_images": len(ids),
             "threshold": threshold, "tta": args.tta, "pooled": pooled,
-            "per_image_mean": mean, "per_image_std": std,
-            "second_annotator": second_annotator(root, ids),
+            "per_image_mean": mean, "per_image_std": std, "second_annotator": human,
             "device": str(device), "batch_size": 1, "seconds_per_image": seconds / len(ids),
             "fps": len(ids) / seconds}, rows
 
@@ -154,19 +168,36 @@ def write_outputs(out, metrics, rows):
         writer.writeheader()
         writer.writerows({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}
                          for r in rows)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(markdown_table(metrics))
+
+
+def markdown_table(m):
+    """The pooled scores as a Markdown table (for README), the second annotator beside them."""
+    cols = ["f1", "auc", "accuracy", "jaccard", "recall", "precision", "specificity"]
+    rows = [("model, pooled", m["pooled"]), ("model, per-image mean", m["per_image_mean"])]
+    if m["second_annotator"]:
+        rows.append(("2nd human annotator", m["second_annotator"]))
+    lines = [f"| {m['split']} split, {m['n_images']} images | " + " | ".join(cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{d[k]:.4f}" if k in d else "–" for k in cols) + " |"
+              for name, d in rows]
+    return "\n".join(lines) + "\n"
+
+
+def report_line(name, d):
+    return f"{name:24s}" + "".join(f"{d[k]:12.4f}" if k in d else f"{'-':>12s}" for k in METRICS + ["auc"])
 
 
 def report(m):
-    head = f"{'':24s}" + "".join(f"{k:>12s}" for k in METRICS + ["auc"])
-    lines = [head]
-    line = lambda name, d: f"{name:24s}" + "".join(
-        f"{d[k]:12.4f}" if k in d else f"{'-':>12s}" for k in METRICS + ["auc"])
-    lines.append(line("model, pooled", m["pooled"]))
-    lines.append(line("model, per-image mean", m["per_image_mean"]))
-    lines.append(line("  per-image std", m["per_image_std"]))
+    lines = [f"{'':24s}" + "".join(f"{k:>12s}" for k in METRICS + ["auc"])]
+    lines.append(report_line("model, pooled", m["pooled"]))
+    lines.append(report_line("model, per-image mean", m["per_image_mean"]))
+    lines.append(report_line("  per-image std", m["per_image_std"]))
     if m["second_annotator"]:
-        lines.append(line("2nd human annotator", m["second_annotator"]))
-    lines.append(f"{m['n_images']} images, threshold {m['threshold']:.3f}{' with flip TTA' if m['tta'] else ''}; "
+        lines.append(report_line("2nd human annotator", m["second_annotator"]))
+    tta = " with flip TTA" if m["tta"] else ""
+    lines.append(f"{m['n_images']} images, threshold {m['threshold']:.3f}{tta}; "
                  f"{m['seconds_per_image']:.3f} s/image ({m['fps']:.1f} FPS, batch 1, {m['device']})")
     return "\n".join(lines)
 
@@ -181,7 +212,7 @@ def main(argv=None):
         metrics, rows = evaluate(model, ckpt, args, device, tmp)
         write_outputs(tmp, metrics, rows)
     print(report(metrics))
-    print(f"wrote {args.out}/ (metrics.json, per_image.csv, pred/, prob/, side/, roc_pr.png)")
+    print(f"wrote {args.out}/ (metrics.json, per_image.csv, summary.md, pred/, prob/, side/, roc_pr.png)")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
 from model import WNet, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
-from utils import (UserError, atomic_path, best_threshold, bf16_native, build_model,  # noqa: E402
-                   confusion, create_dir, get_device, run_main, scores, seeding, torch_save)
+from utils import (HelpFormatter, UserError, atomic_path, best_threshold, bf16_native,  # noqa: E402
+                   build_model, confusion, create_dir, get_device, run_main, scores, seeding,
+                   torch_save)
 
 LOSSES = {"dicebce": DiceBCELoss, "dice": DiceLoss, "bce": BCELoss}
 LOG_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_f1", "val_f1_best", "threshold",
@@ -38,13 +39,16 @@ LOG_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_f1", "val_f1
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", default="data", help="prepared data folder (dataset.py --out)")
-    p.add_argument("--out", default="runs/unet", help="run folder: checkpoints, log.csv, curves.png")
-    p.add_argument("--epochs", type=int, default=60, help="epochs to train in all")
+    p.add_argument("--out", default="runs/unet",
+                   help="run folder: checkpoints (best.pt, last.pt, model.pt), log.csv, curves.png")
+    p.add_argument("--epochs", type=int, default=120, help="epochs to train in all")
     p.add_argument("--batch-size", type=int, default=4, help="crops per optimizer step")
-    p.add_argument("--crop", type=int, default=256, help="side of the random training crops (multiple of 16)")
-    p.add_argument("--crops-per-image", type=int, default=16, help="crops drawn from each training image per epoch")
+    p.add_argument("--crop", type=int, default=256,
+                   help="side of the random training crops (multiple of 16)")
+    p.add_argument("--crops-per-image", type=int, default=16,
+                   help="crops drawn from each training image per epoch")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Adam)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--sched", choices=("cosine", "plateau"), default="cosine",
@@ -53,7 +57,7 @@ def get_args(argv=None):
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
     p.add_argument("--arch", choices=("unet", "wnet"), default="unet",
                    help="one U-Net, or two in cascade (the second refines the first)")
-    p.add_argument("--base", type=int, default=8, help="U-Net base width (64 is the paper's)")
+    p.add_argument("--base", type=int, default=16, help="U-Net base width (64 is the paper's)")
     p.add_argument("--norm", choices=tuple(NORMS), default="clahe", help="image contrast normalisation")
     p.add_argument("--ema", type=float, default=0.99,
                    help="decay of the moving average of the weights that is validated and saved "
@@ -116,6 +120,13 @@ def load_resume(path, device):
         raise UserError(f"{path}: not a training checkpoint of this repo (needs train_model, optimizer, "
                         "scheduler and config)")
     return ckpt
+
+
+def inference_copy(state):
+    """The part of a checkpoint that test.py and predict.py need, weights stored as fp16:
+    a third of best.pt's size (no optimizer), the same scores to 4 decimals."""
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
+    return {"model": weights, **{k: state[k] for k in ("config", "epoch", "threshold", "val_f1")}}
 
 
 # ---------------------------------------------------------------- one epoch
@@ -204,7 +215,8 @@ def main(argv=None):
     else:
         cfg = vars(args).copy()
     seeding(cfg["seed"])
-    train_ds = DriveDataset(cfg["data"], "train", cfg["norm"], crop=cfg["crop"], repeats=cfg["crops_per_image"])
+    train_ds = DriveDataset(cfg["data"], "train", cfg["norm"], crop=cfg["crop"],
+                            repeats=cfg["crops_per_image"])
     val_ds = DriveDataset(cfg["data"], "val", cfg["norm"])
     steps_per_epoch = math.ceil(len(train_ds) / cfg["batch_size"])
     cfg["in_ch"] = NORMS[cfg["norm"]]
@@ -223,7 +235,8 @@ def main(argv=None):
         start, step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best_f1"], ckpt["history"]
     bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and bf16_native(device))
     create_dir(cfg["out"])
-    print(f"device {device}{' bf16' if bf16 else ''} | {cfg['arch']} base {cfg['base']} ({cfg['parameters']:,} parameters) | "
+    print(f"device {device}{' bf16' if bf16 else ''} | {cfg['arch']} base {cfg['base']} "
+          f"({cfg['parameters']:,} parameters) | "
           f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
           f"{len(val_ds.ids)} val | epochs {start + 1}..{cfg['epochs']}")
 
@@ -254,6 +267,7 @@ def main(argv=None):
         torch_save(state, os.path.join(cfg["out"], "last.pt"))
         if improved:
             torch_save(state, os.path.join(cfg["out"], "best.pt"))
+            torch_save(inference_copy(state), os.path.join(cfg["out"], "model.pt"))
         write_log(cfg["out"], history, cfg["loss"])
         print(f"epoch {epoch:3d}/{cfg['epochs']} | train loss {train_loss:.4f} | val loss {val_loss:.4f} "
               f"| val F1 {val_f1:.4f} (best thr {threshold:.2f}: {val_f1_best:.4f})"
@@ -261,7 +275,8 @@ def main(argv=None):
         if cfg["max_steps"] is not None and step >= cfg["max_steps"]:
             print(f"reached --max-steps {cfg['max_steps']}")
             break
-    print(f"best val F1 {best:.4f}; checkpoints in {cfg['out']}/ (best.pt, last.pt), log.csv, curves.png")
+    print(f"best val F1 {best:.4f}; checkpoints in {cfg['out']}/ (best.pt, last.pt, and model.pt: "
+          "best.pt's weights alone, for shipping), log.csv, curves.png")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Helpers shared by the scripts: seeding, dirs, timing, devices, safe writes,
 image reading, metrics, inference and run-length encoding of masks."""
+import argparse
 import contextlib
 import os
 import pickle
@@ -19,8 +20,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_WEIGHTS = os.path.join(HERE, "weights", "drive_unet.pt")
 
 
+UMASK = os.umask(0o022)  # read it (only settable): os.umask returns the previous mask
+os.umask(UMASK)
+
+
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 1."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help for every script: '(default: X)' after each option that has a value, and
+    the description and epilog laid out as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default:" in (action.help or ""):
+            return action.help  # the help text says what happens without the option
+        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------- seeding, dirs, time
@@ -90,6 +105,7 @@ def atomic_path(path):
     create_dir(folder)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
@@ -104,6 +120,7 @@ def atomic_dir(path):
     parent = os.path.dirname(os.path.abspath(path)) or "."
     create_dir(parent)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(path)) + "-", dir=parent)
+    os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700
     try:
         yield tmp
         old = None

@@ -29,7 +29,8 @@ def fails_cleanly(r, *words, out=None):
 
 
 def prepare(root, tmp_path):
-    return run_script("dataset.py", "--drive", root, "--out", tmp_path / "data", "--val-count", 2, cwd=tmp_path)
+    return run_script("dataset.py", "--drive", root, "--out", tmp_path / "data", "--val-count", 2,
+                      cwd=tmp_path)
 
 
 def test_missing_drive_folder(tmp_path):
@@ -44,7 +45,8 @@ def test_missing_file(drive_copy, tmp_path):
 
 
 def test_extra_file(drive_copy, tmp_path):
-    shutil.copy(drive_copy / "test" / "1st_manual" / "01_manual1.gif", drive_copy / "test" / "1st_manual" / "07_manual1.gif")
+    manual = drive_copy / "test" / "1st_manual"
+    shutil.copy(manual / "01_manual1.gif", manual / "07_manual1.gif")
     fails_cleanly(prepare(drive_copy, tmp_path), "07_manual1.gif", out=tmp_path / "data")
 
 

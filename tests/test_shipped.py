@@ -1,0 +1,63 @@
+"""The shipped weights: they load and segment, and (when DRIVE is beside the checkout)
+test.py with them prints the numbers README.md states, which the referee confirms."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REAL_DRIVE, REFEREE, ROOT, run_script
+from dataset import synthetic_fundus
+from utils import SHIPPED_WEIGHTS, load_model
+
+README_COLUMNS = ["f1", "auc", "accuracy"]  # the first three numbers of README's result rows
+
+
+def readme_row(label):
+    """The numbers of the README results row whose first cell contains `label`."""
+    for line in open(os.path.join(ROOT, "README.md")):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and label in cells[0]:
+            return dict(zip(README_COLUMNS, (float(c) for c in cells[1:] if re.fullmatch(r"0\.\d+", c))))
+    raise AssertionError(f"README.md has no results row labelled {label!r}")
+
+
+def test_shipped_weights_load():
+    import torch
+    model, ckpt = load_model(SHIPPED_WEIGHTS, torch.device("cpu"))
+    assert 0 < ckpt["threshold"] < 1 and ckpt["config"]["norm"]
+    assert os.path.getsize(SHIPPED_WEIGHTS) < 8 * 2 ** 20
+
+
+def test_shipped_weights_segment_a_photograph(tmp_path):
+    image, vessels, fov = synthetic_fundus(np.random.default_rng(11), 565, 584)
+    Image.fromarray(image).save(tmp_path / "eye.png")
+    r = run_script("predict.py", tmp_path / "eye.png", "--out", tmp_path / "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    mask = np.array(Image.open(tmp_path / "out" / "eye_mask.png")) > 127
+    # a model trained on DRIVE finds most of a synthetic vessel tree, and little else
+    f1 = 2 * (mask & vessels).sum() / (mask.sum() + vessels.sum())
+    assert f1 > 0.5 and not (mask & ~fov).any()
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_DRIVE), reason="DRIVE not beside the checkout")
+def test_shipped_weights_reproduce_readme(tmp_path):
+    assert run_script("dataset.py", "--drive", REAL_DRIVE, cwd=tmp_path).returncode == 0
+    r = run_script("test.py", "--device", "cpu", cwd=tmp_path)  # no runs/ here: the shipped weights
+    assert r.returncode == 0, r.stderr
+    assert "weights/drive_unet.pt" in r.stdout
+    pooled = json.load(open(tmp_path / "results" / "metrics.json"))["pooled"]
+    for k, v in readme_row("shipped weights").items():
+        assert abs(pooled[k] - v) <= 2e-4, (k, pooled[k], v)
+    if os.path.isfile(REFEREE):
+        masks = subprocess.run([sys.executable, REFEREE, tmp_path / "results" / "pred"],
+                               capture_output=True, text=True, check=True).stdout
+        probs = subprocess.run([sys.executable, REFEREE, tmp_path / "results" / "prob", "--probs"],
+                               capture_output=True, text=True, check=True).stdout
+        assert abs(json.loads(masks)["f1"] - pooled["f1"]) < 1e-4
+        assert abs(json.loads(masks)["accuracy"] - pooled["accuracy"]) < 1e-4
+        assert abs(json.loads(probs)["auc"] - pooled["auc"]) < 1e-4
