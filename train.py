@@ -29,9 +29,10 @@ from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
 from model import WNet, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
 from utils import (HelpFormatter, UserError, atomic_path, best_threshold, bf16_native,  # noqa: E402
-                   build_model, confusion, create_dir, get_device, run_main, scores, seeding,
-                   torch_save)
+                   build_model, confusion, create_dir, get_device, read_checkpoint, run_main, scores,
+                   seeding, torch_save)
 
+EPOCHS = 120
 LOSSES = {"dicebce": DiceBCELoss, "dice": DiceLoss, "bce": BCELoss}
 LOG_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_f1", "val_f1_best", "threshold",
               "seconds"]
@@ -43,16 +44,18 @@ def get_args(argv=None):
     p.add_argument("--data", default="data", help="prepared data folder (dataset.py --out)")
     p.add_argument("--out", default="runs/unet",
                    help="run folder: checkpoints (best.pt, last.pt, model.pt), log.csv, curves.png")
-    p.add_argument("--epochs", type=int, default=120, help="epochs to train in all")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs to train in all (default: {EPOCHS}; with --resume, the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=4, help="crops per optimizer step")
     p.add_argument("--crop", type=int, default=256,
                    help="side of the random training crops (multiple of 16)")
     p.add_argument("--crops-per-image", type=int, default=16,
                    help="crops drawn from each training image per epoch")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Adam)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--sched", choices=("cosine", "plateau"), default="cosine",
-                   help="cosine with linear warm-up (per step), or the blog's ReduceLROnPlateau on val loss")
+                   help="cosine with linear warm-up (per step), or the blog's ReduceLROnPlateau "
+                        "on the validation loss")
     p.add_argument("--warmup", type=float, default=2, help="warm-up epochs for --sched cosine")
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
     p.add_argument("--arch", choices=("unet", "wnet"), default="unet",
@@ -74,6 +77,8 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps in all (smoke test)")
     args = p.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        p.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.crop % 16 or args.crop < 16:
         p.error(f"--crop must be a positive multiple of 16, got {args.crop}")
     return args
@@ -98,7 +103,8 @@ def build(cfg, device, steps_per_epoch):
             return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     else:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=5)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
+                                                               patience=5)
     loss_fn = LOSSES[cfg["loss"]]()
     return model, ema, optimizer, scheduler, loss_fn
 
@@ -112,19 +118,9 @@ def ema_update(decay):
     return update
 
 
-def load_resume(path, device):
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no checkpoint to resume from; drop --resume to start a new run")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(ckpt, dict) or not {"train_model", "optimizer", "scheduler", "config"} <= set(ckpt):
-        raise UserError(f"{path}: not a training checkpoint of this repo (needs train_model, optimizer, "
-                        "scheduler and config)")
-    return ckpt
-
-
 def inference_copy(state):
     """The part of a checkpoint that test.py and predict.py need, weights stored as fp16:
-    a third of best.pt's size (no optimizer), the same scores to 4 decimals."""
+    an eighth of best.pt's size (no optimizer, no second copy), the same scores to 4 decimals."""
     weights = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
     return {"model": weights, **{k: state[k] for k in ("config", "epoch", "threshold", "val_f1")}}
 
@@ -137,7 +133,7 @@ def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
     for image, mask, fov, _ in bar:
         if max_steps is not None and step >= max_steps:
             break
-        image = image.to(device).contiguous(memory_format=torch.channels_last)  # (N,3,crop,crop)
+        image = image.to(device).contiguous(memory_format=torch.channels_last)  # (N,C,crop,crop)
         mask, fov = mask.to(device), fov.to(device)  # (N,1,crop,crop)
         optimizer.zero_grad(set_to_none=True)
         # logits (N,1,crop,crop); a cascade is supervised at both stages
@@ -208,12 +204,14 @@ def main(argv=None):
     device = get_device(args.device)
     ckpt = None
     if args.resume:
-        ckpt = load_resume(os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume,
-                           device)
-        cfg = dict(ckpt["config"], epochs=args.epochs, device=args.device, max_steps=args.max_steps,
-                   out=args.out)
+        path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no checkpoint to resume from; drop --resume to start a new run")
+        ckpt = read_checkpoint(path, device, ("model", "train_model", "optimizer", "scheduler", "config"))
+        cfg = dict(ckpt["config"], epochs=args.epochs or ckpt["config"]["epochs"], device=args.device,
+                   max_steps=args.max_steps, out=args.out)
     else:
-        cfg = vars(args).copy()
+        cfg = dict(vars(args), epochs=args.epochs or EPOCHS)
     seeding(cfg["seed"])
     train_ds = DriveDataset(cfg["data"], "train", cfg["norm"], crop=cfg["crop"],
                             repeats=cfg["crops_per_image"])

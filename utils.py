@@ -171,16 +171,23 @@ def read_mask(path):
 
 
 # ---------------------------------------------------------------- checkpoints and inference
-def load_model(path, device):
-    """Rebuild the model from a checkpoint alone; returns (model, checkpoint dict)."""
+def read_checkpoint(path, device, needs):
+    """A checkpoint dict of this repo holding the entries `needs`, or a one-line UserError."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint not found; train one with train.py or pass --checkpoint")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise UserError(f"{path}: not a readable checkpoint ({e.__class__.__name__})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path}: not a checkpoint of this repo (no 'model' and 'config' entries)")
+    if not isinstance(ckpt, dict) or not set(needs) <= set(ckpt):
+        raise UserError(f"{path}: not a checkpoint of this repo for this use (needs the entries "
+                        f"{', '.join(needs)})")
+    return ckpt
+
+
+def load_model(path, device):
+    """Rebuild the model from a checkpoint alone; returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path, device, ("model", "config"))
     cfg = ckpt["config"]
     model = build_model(cfg)
     try:

@@ -101,3 +101,11 @@ def test_bad_cli_values(tmp_path):
 
 def test_synthetic_small_is_valid(tmp_path):
     assert run_script("dataset.py", "--synthetic", *SMALL, cwd=tmp_path).returncode == 0
+
+
+def test_resume_from_bad_checkpoint(synthetic, tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    fails_cleanly(run_script("train.py", "--data", synthetic / "data", "--resume", tmp_path / "junk.pt",
+                             "--out", tmp_path / "run", cwd=tmp_path), "junk.pt", "not a readable checkpoint")
+    fails_cleanly(run_script("train.py", "--data", synthetic / "data", "--resume", "--out", tmp_path / "none",
+                             cwd=tmp_path), "last.pt", "no checkpoint to resume from")
