@@ -206,7 +206,8 @@ def main(argv=None):
     args = get_args(argv)
     device = get_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
-    print(f"checkpoint {args.checkpoint} (U-Net base {ckpt['config']['base']}, "
+    arch = {"unet": "U-Net", "wnet": "W-Net"}[ckpt["config"].get("arch", "unet")]
+    print(f"checkpoint {args.checkpoint} ({arch} base {ckpt['config']['base']}, "
           f"epoch {ckpt.get('epoch', '?')}, val F1 {ckpt.get('val_f1', float('nan')):.4f})")
     with atomic_dir(args.out) as tmp:
         metrics, rows = evaluate(model, ckpt, args, device, tmp)

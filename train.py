@@ -159,7 +159,8 @@ def validate(model, dataset, loss_fn, device):
     losses, probs, truths = [], [], []
     for i in range(len(dataset)):
         image, mask, fov, _ = dataset[i]
-        x, (h, w) = pad_to_multiple(image[None].to(device))
+        x, (h, w) = pad_to_multiple(image[None].to(device))  # (1,C,H',W'), multiples of 16
+        x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x)[..., :h, :w]  # (1,1,H,W)
         losses.append(loss_fn(logits, mask[None].to(device), fov[None].to(device)).item())
         inside = fov[0].bool().numpy()
