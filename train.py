@@ -29,8 +29,8 @@ from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
 from model import WNet, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
 from utils import (HelpFormatter, UserError, atomic_path, best_threshold, bf16_native,  # noqa: E402
-                   build_model, confusion, create_dir, get_device, read_checkpoint, run_main, scores,
-                   seeding, torch_save)
+                   build_model, confusion, create_dir, epoch_time, get_device, read_checkpoint,
+                   run_main, scores, seeding, torch_save)
 
 EPOCHS = 120
 LOSSES = {"dicebce": DiceBCELoss, "dice": DiceLoss, "bce": BCELoss}
@@ -239,6 +239,7 @@ def main(argv=None):
           f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
           f"{len(val_ds.ids)} val | epochs {start + 1}..{cfg['epochs']}")
 
+    run_start, epoch = time.time(), start
     for epoch in range(start + 1, cfg["epochs"] + 1):
         t0 = time.time()
         # augmentation and order depend on (seed, epoch) alone, so --resume repeats them exactly
@@ -274,6 +275,9 @@ def main(argv=None):
         if cfg["max_steps"] is not None and step >= cfg["max_steps"]:
             print(f"reached --max-steps {cfg['max_steps']}")
             break
+    minutes, seconds = epoch_time(run_start, time.time())
+    if epoch > start:
+        print(f"trained epochs {start + 1}..{epoch} in {minutes}m {seconds:02d}s (with validation)")
     print(f"best val F1 {best:.4f}; checkpoints in {cfg['out']}/ (best.pt, last.pt, and model.pt: "
           "best.pt's weights alone, for shipping), log.csv, curves.png")
 

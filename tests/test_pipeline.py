@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -80,6 +81,7 @@ def test_resume_continues_exactly(synthetic, tmp_path):
                    "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "epochs 2..2" in r.stdout
+    assert re.search(r"trained epochs 2\.\.2 in \d+m \d\ds", r.stdout), r.stdout
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
     assert b["epoch"] == 2 and len(b["history"]) == 2
