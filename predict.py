@@ -1,7 +1,7 @@
 """Segment your own fundus photographs.
 
     python predict.py photo.jpg scans/ "more/*.tif"        # files, folders, globs
-    python predict.py --checkpoint runs/unet/best.pt --tta --rle masks.csv scans/
+    python predict.py --checkpoint runs/unet/model.pt --rle masks.csv scans/
 
 Inputs: image files (TIFF, PNG, JPEG, PPM, BMP, GIF; any size; colour or grayscale),
 folders (their image files, not recursive) and glob patterns (quoted ones too).
@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from preprocess import normalize_image
 from utils import (SHIPPED_WEIGHTS, HelpFormatter, UserError, atomic_path, create_dir, encode_probs,
-                   get_device, load_model, predict_probs, read_image, read_mask, rle_encode, run_main,
-                   save_png, to_tensor_image)
+                   get_device, inference_options, load_model, predict_probs, read_image, read_mask,
+                   rle_encode, run_main, save_png, to_tensor_image)
 
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif")
 DRIVE_SIZE = (565, 584)  # (W, H) of DRIVE photographs, the scale --target-fov refers to
@@ -73,8 +73,12 @@ def get_args(argv=None):
     p.add_argument("--threshold", type=parse_threshold, default=None,
                    help="probability threshold (default: the one chosen on validation, stored in "
                         "the checkpoint, else 0.5)")
-    p.add_argument("--tta", action="store_true", help="average predictions over flipped views")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average predictions over the four flips of each image (default: as the "
+                        "checkpoint's threshold was chosen, see train.py --tta)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="network arithmetic: auto is bf16 where the device runs it natively, else fp32")
     p.add_argument("--fov", default=None, metavar="MASK",
                    help="FOV mask file (white = inside) used for every input instead of the automatic "
                         "estimate; it must have each image's size")
@@ -212,7 +216,7 @@ def training_target(args, cfg):
 
 
 # ---------------------------------------------------------------- segmentation
-def segment(model, rgb, fov, norm, target, args, device):
+def segment(model, rgb, fov, norm, target, args, device, options):
     """Vessel probabilities float32 (H,W) in [0,1], zero outside fov, for uint8 (H,W,3)."""
     h, w = rgb.shape[:2]
     factor = rescale_factor(fov, target)
@@ -221,7 +225,8 @@ def segment(model, rgb, fov, norm, target, args, device):
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
     # normalise at the network's scale, as in training: CLAHE tiles depend on the size
     x = to_tensor_image(normalize_image(rgb, norm)).to(device)  # (3, h', w')
-    probs = predict_probs(model, x, tta=args.tta, tile=args.tile, overlap=min(64, args.tile // 4))
+    tta, bf16 = options
+    probs = predict_probs(model, x, tta=tta, tile=args.tile, overlap=min(64, args.tile // 4), bf16=bf16)
     if factor != 1.0:
         probs = F.interpolate(probs[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     return probs.clamp(0, 1).cpu().numpy() * fov
@@ -252,13 +257,13 @@ def image_fov(rgb, given, given_path, image_path):
     return given
 
 
-def process(path, sid, model, ckpt, given_fov, args, device):
+def process(path, sid, model, ckpt, given_fov, args, device, options):
     """Segment one photograph and write its three PNGs; returns the mask, bool (H,W)."""
     rgb = read_image(path, "RGB")  # grayscale comes back replicated to (H,W,3)
     fov = image_fov(rgb, given_fov, args.fov, path)
     threshold = args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5)
     probs = segment(model, rgb, fov, ckpt["config"]["norm"], training_target(args, ckpt["config"]),
-                    args, device)
+                    args, device, options)
     mask = (probs >= threshold) & fov
     save_png(os.path.join(args.out, f"{sid}_mask.png"), mask.astype(np.uint8) * 255)
     save_png(os.path.join(args.out, f"{sid}_prob.png"), encode_probs(probs))
@@ -283,11 +288,12 @@ def main(argv=None):
     given_fov = load_fov(args.fov)
     device = get_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
+    options = inference_options(args, ckpt, device)  # (tta, bf16)
     create_dir(args.out)
     rows, failed = [], []
     for path, sid in zip(tqdm(paths, desc="segmenting", unit="img"), output_ids(paths)):
         try:
-            rows.append((sid, process(path, sid, model, ckpt, given_fov, args, device)))
+            rows.append((sid, process(path, sid, model, ckpt, given_fov, args, device, options)))
         except UserError as e:  # one bad photograph must not cost the others
             tqdm.write(f"error: {e}; skipped", file=sys.stderr)
             failed.append(path)

@@ -206,45 +206,61 @@ def build_model(cfg):
 
 
 @torch.no_grad()
-def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64):
+def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf16=False):
     """Vessel probabilities for one image.
 
     image: float tensor (C, H, W) in [0, 1] on the model's device.
+    tta: average over the four flips of the image (identity, horizontal, vertical, both).
     size: (W, H) the model was trained at when data was resized (dataset.py --resize);
     the image is resized to it and the probabilities back to (H, W).
-    Returns float tensor (H, W) in [0, 1]. Images larger than `tile` are cut into
-    overlapping tiles so memory stays bounded whatever the image size.
+    bf16: run the network in bfloat16 autocast (about 2x faster where native, the same
+    scores to 4 decimals on DRIVE). Returns float tensor (H, W) in [0, 1]. Images larger
+    than `tile` are cut into overlapping tiles so memory stays bounded whatever the size.
     """
     if size is not None and tuple(size) != (image.shape[-1], image.shape[-2]):
         resized = F.interpolate(image[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)
-        probs = predict_probs(model, resized[0], tta, None, tile, overlap)
+        probs = predict_probs(model, resized[0], tta, None, tile, overlap, bf16)
         return F.interpolate(probs[None, None], size=image.shape[-2:], mode="bilinear",
                              align_corners=False)[0, 0]
     h, w = image.shape[-2:]
     if h <= tile and w <= tile:
-        return _predict_whole(model, image[None], tta)[0, 0]
+        return _predict_whole(model, image[None], tta, bf16)[0, 0]
     out = torch.zeros(h, w, device=image.device)
     weight = torch.zeros(h, w, device=image.device)
     step = tile - overlap
     for y0 in range(0, max(h - overlap, 1), step):
         for x0 in range(0, max(w - overlap, 1), step):
             y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-            out[y0:y1, x0:x1] += _predict_whole(model, image[None, :, y0:y1, x0:x1], tta)[0, 0]
+            out[y0:y1, x0:x1] += _predict_whole(model, image[None, :, y0:y1, x0:x1], tta, bf16)[0, 0]
             weight[y0:y1, x0:x1] += 1
     return out / weight
 
 
-def _predict_whole(model, x, tta):
+FLIPS = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both (= rotation by 180)
+
+
+def _predict_whole(model, x, tta, bf16):
     """x: (N,C,H,W) -> probabilities (N,1,H,W); pads to a multiple of 16 and crops back."""
     xp, (h, w) = pad_to_multiple(x, MULTIPLE)
     xp = xp.contiguous(memory_format=torch.channels_last)
-    logits = model(xp)
-    probs = torch.sigmoid(logits)
-    if tta:  # average with the horizontally and vertically flipped views
-        for dims in ((3,), (2,)):
-            probs = probs + torch.sigmoid(model(xp.flip(dims))).flip(dims)
-        probs = probs / 3
-    return probs[..., :h, :w]
+    probs = 0
+    # one view at a time: on CPU a batch of 4 views runs slower per view than 4 batches of 1
+    for dims in FLIPS if tta else FLIPS[:1]:
+        view = xp.flip(dims) if dims else xp
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(view)  # (N,1,H',W')
+        p = torch.sigmoid(logits.float())
+        probs = probs + (p.flip(dims) if dims else p)
+    return (probs / (len(FLIPS) if tta else 1))[..., :h, :w]
+
+
+def inference_options(args, ckpt, device):
+    """(tta, bf16) for test.py and predict.py. TTA defaults to what the checkpoint's threshold
+    was chosen with (a threshold fits the probabilities it was chosen on); --precision auto
+    runs bf16 where the device has it natively."""
+    tta = ckpt.get("tta", False) if args.tta is None else args.tta
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_native(device))
+    return tta, bf16
 
 
 def to_tensor_image(image):

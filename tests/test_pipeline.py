@@ -16,22 +16,25 @@ from conftest import REFEREE, run_script
 
 def test_training_outputs_and_loss_goes_down(trained):
     run = trained / "runs" / "unet"
-    for name in ("best.pt", "last.pt", "log.csv", "curves.png"):
+    for name in ("model.pt", "last.pt", "log.csv", "curves.png"):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader(open(run / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     ckpt = torch.load(run / "last.pt", weights_only=False)
-    assert {"model", "optimizer", "scheduler", "epoch", "best_f1", "threshold", "config"} <= set(ckpt)
+    assert {"model", "optimizer", "scheduler", "epoch", "best_f1", "threshold", "tta", "config"} <= set(ckpt)
     assert ckpt["epoch"] == 3 and ckpt["config"]["base"] == 4
-    assert 0 < ckpt["threshold"] < 1
+    # the final threshold, chosen on all training images with TTA, is the one model.pt carries
+    final = torch.load(run / "model.pt", weights_only=False)
+    assert 0 < final["threshold"] < 1 and final["threshold"] == ckpt["threshold"]
+    assert final["tta"] is True and ckpt["tta"] is True
 
 
 @pytest.fixture(scope="module")
 def tested(trained):
-    r = run_script("test.py", "--tta", cwd=trained)  # default checkpoint: runs/unet/best.pt
+    r = run_script("test.py", cwd=trained)  # default checkpoint: runs/unet/model.pt, its TTA
     assert r.returncode == 0, r.stderr
-    assert "runs/unet/best.pt" in r.stdout
+    assert "runs/unet/model.pt" in r.stdout
     return trained / "results", r.stdout
 
 
@@ -93,16 +96,17 @@ def test_resume_continues_exactly(synthetic, tmp_path):
 def test_max_steps_smoke_other_options(synthetic, tmp_path):
     """The other model, input and loss options train, and test.py rebuilds them from the checkpoint."""
     r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
-                   "--arch", "wnet", "--norm", "green", "--loss", "bce", "--precision", "fp32",
+                   "--arch", "wnet", "--norm", "green", "--loss", "bce", "--precision", "fp32", "--no-tta",
                    "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "reached --max-steps 2" in r.stdout
     ckpt = torch.load(tmp_path / "s" / "last.pt", weights_only=False)
-    assert ckpt["step"] == 2 and ckpt["config"]["in_ch"] == 1
-    r = run_script("test.py", "--checkpoint", tmp_path / "s" / "last.pt", "--data", synthetic / "data",
-                   "--out", tmp_path / "res", cwd=tmp_path)
+    assert ckpt["step"] == 2 and ckpt["config"]["in_ch"] == 1 and ckpt["tta"] is False
+    r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
+                   "--out", tmp_path / "res", "--precision", "fp32", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert json.load(open(tmp_path / "res" / "metrics.json"))["n_images"] == 3
+    m = json.load(open(tmp_path / "res" / "metrics.json"))
+    assert m["n_images"] == 3 and m["tta"] is False and m["precision"] == "fp32"
 
 
 @pytest.mark.parametrize("script", ["dataset.py", "train.py", "test.py"])

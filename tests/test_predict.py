@@ -22,7 +22,7 @@ def iou(a, b):
 
 
 def checkpoint(trained):
-    return str(trained / "runs" / "unet" / "best.pt")
+    return str(trained / "runs" / "unet" / "model.pt")
 
 
 def write_synthetic(path, w, h, seed, mode="RGB"):
