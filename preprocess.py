@@ -75,12 +75,14 @@ def read_split(data_dir, split):
 
 
 class DriveDataset(Dataset):
-    """Samples of data/<split>: image (C,H,W) float in [0,1] (C = NORMS[norm]), mask (1,H,W) in {0,1},
-    fov (1,H,W) in {0,1}, and the id. With `crop`, returns augmented crops."""
+    """Samples of data/<split> (or of several splits, split a tuple): image (C,H,W) float in [0,1]
+    (C = NORMS[norm]), mask (1,H,W) in {0,1}, fov (1,H,W) in {0,1}, and the id. With `crop`,
+    returns augmented crops."""
 
     def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1):
-        self.root = os.path.join(data_dir, split)
-        self.ids = read_split(data_dir, split)
+        splits = (split,) if isinstance(split, str) else tuple(split)
+        self.items = [(os.path.join(data_dir, s), sid) for s in splits for sid in read_split(data_dir, s)]
+        self.ids = [sid for _, sid in self.items]
         self.norm = norm
         self.repeats = repeats  # random crops drawn from each image per epoch
         self.transform = train_transform(crop, NORMS[norm]) if crop else None
@@ -94,26 +96,24 @@ class DriveDataset(Dataset):
         if self.transform is not None:
             self.transform.set_random_seed(seed)
 
-    def path(self, kind, sid):
-        return os.path.join(self.root, kind, f"{sid}.png")
-
-    def load(self, sid):
-        """Normalised uint8 image (H,W,C), vessel and FOV masks (H,W) uint8; cached."""
-        if sid not in self.cache:
-            image = normalize_image(read_image(self.path("images", sid), "RGB"), self.norm)
-            self.cache[sid] = (image, read_mask(self.path("masks", sid)).astype(np.uint8),
-                               read_mask(self.path("fov", sid)).astype(np.uint8))
-        return self.cache[sid]
+    def load(self, item):
+        """Normalised uint8 image (H,W,C), vessel and FOV masks (H,W) uint8 of (root, id); cached."""
+        if item not in self.cache:
+            root, sid = item
+            image, mask, fov = (os.path.join(root, kind, f"{sid}.png") for kind in ("images", "masks", "fov"))
+            self.cache[item] = (normalize_image(read_image(image, "RGB"), self.norm),
+                                read_mask(mask).astype(np.uint8), read_mask(fov).astype(np.uint8))
+        return self.cache[item]
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):
             raise IndexError(index)
-        sid = self.ids[index % len(self.ids)]
-        image, mask, fov = self.load(sid)
+        item = self.items[index % len(self.items)]
+        image, mask, fov = self.load(item)
         if self.transform is not None:
             out = self.transform(image=image, masks=[mask, fov])
             image, (mask, fov) = out["image"], out["masks"]
         return (to_tensor_image(image),
                 torch.from_numpy(np.ascontiguousarray(mask))[None].float(),
                 torch.from_numpy(np.ascontiguousarray(fov))[None].float(),
-                sid)
+                item[1])

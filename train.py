@@ -69,6 +69,10 @@ def get_args(argv=None):
     p.add_argument("--ema", type=float, default=0.99,
                    help="decay of the moving average of the weights that is validated and saved "
                         "(0 turns it off)")
+    p.add_argument("--train-on-val", action=argparse.BooleanOptionalAction, default=False,
+                   help="train on the validation images too; they then only trace the fit in "
+                        "log.csv (nothing is selected on them: the model is the last epoch's and "
+                        "the threshold is chosen on all training images either way)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="choose the threshold for the mean prediction over the four flips of each "
                         "image, and make that test.py's and predict.py's default")
@@ -180,8 +184,8 @@ def validate(model, dataset, loss_fn, device):
 
 
 @torch.no_grad()
-def choose_threshold(model, datasets, tta, bf16):
-    """F1-maximising threshold over the FOV pixels of whole images from `datasets`, with
+def choose_threshold(model, dataset, tta, bf16):
+    """F1-maximising threshold over the FOV pixels of the whole images of `dataset`, with
     the probabilities test.py and predict.py make (four flips when tta, bf16 when asked).
 
     All training images rather than the four held out: their per-image optima spread from
@@ -190,13 +194,12 @@ def choose_threshold(model, datasets, tta, bf16):
     model.eval()
     device = next(model.parameters()).device
     probs, truths = [], []
-    for dataset in datasets:
-        for i in range(len(dataset)):
-            image, mask, fov, _ = dataset[i]
-            inside = fov[0].bool().numpy()
-            p = predict_probs(model, image.to(device), tta=tta, bf16=bf16)  # (H,W)
-            probs.append(p.cpu().numpy()[inside])
-            truths.append(mask[0].bool().numpy()[inside])
+    for i in range(len(dataset)):
+        image, mask, fov, _ = dataset[i]
+        inside = fov[0].bool().numpy()
+        p = predict_probs(model, image.to(device), tta=tta, bf16=bf16)  # (H,W)
+        probs.append(p.cpu().numpy()[inside])
+        truths.append(mask[0].bool().numpy()[inside])
     return best_threshold(np.concatenate(probs), np.concatenate(truths))
 
 
@@ -239,11 +242,13 @@ def main(argv=None):
         ckpt = read_checkpoint(path, device, ("model", "train_model", "optimizer", "scheduler", "config"))
         cfg = dict(ckpt["config"], epochs=args.epochs or ckpt["config"]["epochs"], device=args.device,
                    max_steps=args.max_steps, out=args.out)
-        cfg.setdefault("tta", args.tta)  # runs begun before --tta existed
+        cfg.setdefault("tta", args.tta)  # runs begun before these options existed
+        cfg.setdefault("train_on_val", False)
     else:
         cfg = dict(vars(args), epochs=args.epochs or EPOCHS)
     seeding(cfg["seed"])
-    train_ds = DriveDataset(cfg["data"], "train", cfg["norm"], crop=cfg["crop"],
+    fitted = ("train", "val") if cfg["train_on_val"] else "train"
+    train_ds = DriveDataset(cfg["data"], fitted, cfg["norm"], crop=cfg["crop"],
                             repeats=cfg["crops_per_image"])
     val_ds = DriveDataset(cfg["data"], "val", cfg["norm"])
     steps_per_epoch = math.ceil(len(train_ds) / cfg["batch_size"])
@@ -266,7 +271,8 @@ def main(argv=None):
     print(f"device {device}{' bf16' if bf16 else ''} | {cfg['arch']} base {cfg['base']} "
           f"({cfg['parameters']:,} parameters) | "
           f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
-          f"{len(val_ds.ids)} val | epochs {start + 1}..{cfg['epochs']}")
+          f"{len(val_ds.ids)} val{' (trained on too)' if cfg['train_on_val'] else ''} | "
+          f"epochs {start + 1}..{cfg['epochs']}")
 
     run_start, epoch = time.time(), start
     for epoch in range(start + 1, cfg["epochs"] + 1):
@@ -313,7 +319,7 @@ def finish(scored, cfg, device):
     Inference runs as test.py's default does: bf16 where native, TTA as --tta says."""
     path = os.path.join(cfg["out"], "last.pt")
     state = torch.load(path, map_location=device, weights_only=False)
-    full = [DriveDataset(cfg["data"], split, cfg["norm"]) for split in ("train", "val")]
+    full = DriveDataset(cfg["data"], ("train", "val"), cfg["norm"])  # whole images, no augmentation
     threshold, f1 = choose_threshold(scored, full, cfg["tta"], bf16_native(device))
     state.update(threshold=threshold, tta=cfg["tta"])
     torch_save(state, path)
@@ -321,7 +327,7 @@ def finish(scored, cfg, device):
     history = state["history"]
     print(f"last epoch {state['epoch']}: val F1 {history[-1]['val_f1_best']:.4f} (best epoch "
           f"{max(history, key=lambda r: r['val_f1_best'])['epoch']}: {state['best_f1']:.4f}); "
-          f"threshold {threshold:.3f} on all {sum(len(d) for d in full)} training images"
+          f"threshold {threshold:.3f} on all {len(full)} training images"
           f"{' with flip TTA' if cfg['tta'] else ''} (F1 there {f1:.4f})")
     print(f"wrote {cfg['out']}/model.pt (final weights and threshold, for test.py and predict.py), "
           "last.pt (for --resume), log.csv, curves.png")

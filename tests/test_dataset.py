@@ -56,6 +56,15 @@ def test_dataset_items(synthetic):
         full[len(full)]
 
 
+def test_dataset_of_two_splits(synthetic):
+    data = str(synthetic / "data")
+    train, val = DriveDataset(data, "train"), DriveDataset(data, "val")
+    both = DriveDataset(data, ("train", "val"))
+    assert both.ids == train.ids + val.ids and len(both) == len(train) + len(val)
+    for i, ds, j in ((0, train, 0), (len(train), val, 0)):  # each image read from its own split
+        assert both[i][3] == ds[j][3] and torch.equal(both[i][1], ds[j][1])
+
+
 def test_green_input_has_one_channel(synthetic):
     ds = DriveDataset(str(synthetic / "data"), "train", norm="green", crop=64)
     image, mask, _, _ = ds[0]
