@@ -204,25 +204,25 @@ def choose_threshold(model, dataset, tta, bf16):
 
 
 # ---------------------------------------------------------------- log and curves
-def write_log(out, history, loss_name):
+def write_log(out, history, loss_name, val_name="validation"):
     with atomic_path(os.path.join(out, "log.csv")) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             writer.writeheader()
             writer.writerows(history)
-    plot_curves(os.path.join(out, "curves.png"), history, loss_name)
+    plot_curves(os.path.join(out, "curves.png"), history, loss_name, val_name)
 
 
-def plot_curves(path, history, loss_name):
+def plot_curves(path, history, loss_name, val_name):
     epochs = [r["epoch"] for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(epochs, [r["train_loss"] for r in history], label="train")
-    ax1.plot(epochs, [r["val_loss"] for r in history], label="validation")
+    ax1.plot(epochs, [r["val_loss"] for r in history], label=val_name)
     ax1.set(xlabel="epoch", ylabel=f"{loss_name} loss", title="loss")
     ax1.legend()
     ax2.plot(epochs, [r["val_f1"] for r in history], label="F1 at 0.5")
     ax2.plot(epochs, [r["val_f1_best"] for r in history], label="F1 at best threshold")
-    ax2.set(xlabel="epoch", ylabel="F1 inside FOV", title="validation F1")
+    ax2.set(xlabel="epoch", ylabel="F1 inside FOV", title=f"{val_name} F1")
     ax2.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -301,7 +301,8 @@ def main(argv=None):
                  "best_f1": best, "threshold": threshold, "tta": False, "val_f1": val_f1_best,
                  "config": cfg, "history": history}
         torch_save(state, os.path.join(cfg["out"], "last.pt"))
-        write_log(cfg["out"], history, cfg["loss"])
+        write_log(cfg["out"], history, cfg["loss"],
+                  "validation (also trained on)" if cfg["train_on_val"] else "validation")
         print(f"epoch {epoch:3d}/{cfg['epochs']} | train loss {train_loss:.4f} | val loss {val_loss:.4f} "
               f"| val F1 {val_f1:.4f} (best thr {threshold:.2f}: {val_f1_best:.4f})"
               f"{' *' if improved else ''} | {row['seconds']:.0f}s", flush=True)
