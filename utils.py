@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from model import MULTIPLE, UNet, WNet, pad_to_multiple
+from model import MULTIPLE, UNet, WNet, fold_batchnorm, pad_to_multiple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_WEIGHTS = os.path.join(HERE, "weights", "drive_unet.pt")
@@ -186,7 +186,7 @@ def read_checkpoint(path, device, needs):
 
 
 def load_model(path, device):
-    """Rebuild the model from a checkpoint alone; returns (model, checkpoint dict)."""
+    """Rebuild the model for inference from a checkpoint alone; returns (model, checkpoint dict)."""
     ckpt = read_checkpoint(path, device, ("model", "config"))
     cfg = ckpt["config"]
     model = build_model(cfg)
@@ -195,8 +195,10 @@ def load_model(path, device):
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: weights do not fit {type(model).__name__}(base={cfg['base']}): {first}")
-    # channels_last: the layout the small convolutions of this net run fastest in (CPU and cuDNN)
-    return model.to(device, memory_format=torch.channels_last).eval(), ckpt
+    # inference only: BatchNorm folded into the convolutions, and channels_last, the layout
+    # the small convolutions of this net run fastest in (CPU and cuDNN)
+    model = fold_batchnorm(model.eval())
+    return model.to(device, memory_format=torch.channels_last), ckpt
 
 
 def build_model(cfg):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import UNet, count_parameters, pad_to_multiple
+from model import UNet, WNet, count_parameters, fold_batchnorm, pad_to_multiple
 from utils import predict_probs
 
 
@@ -63,3 +63,26 @@ def test_wnet_cascade_shapes():
     assert first.shape == second.shape == (2, 1, 64, 48)
     assert torch.equal(model(x), second)
     assert model.second.in_ch == 2  # the image and the first stage's probabilities
+
+
+@pytest.mark.parametrize("net", [UNet, WNet])
+def test_fold_batchnorm_keeps_outputs(net):
+    torch.manual_seed(0)
+    model = net(base=4)
+    model.train()
+    with torch.no_grad():  # a few batches give the running statistics non-trivial values
+        for _ in range(3):
+            model(torch.rand(2, 3, 32, 32) * 2 + 0.5)
+    model.eval()
+    x = torch.rand(1, 3, 48, 64)
+    with torch.no_grad():
+        before = model(x)
+        folded = fold_batchnorm(model)
+        after = folded(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(before, after, atol=1e-4), (before - after).abs().max()
+
+
+def test_fold_batchnorm_refuses_training_mode():
+    with pytest.raises(ValueError, match="model.eval"):
+        fold_batchnorm(UNet(base=2).train())
