@@ -71,7 +71,7 @@ def get_args(argv=None):
                         "in this repo)")
     p.add_argument("--out", default="predictions", help="folder for the masks, probabilities and overlays")
     p.add_argument("--threshold", type=parse_threshold, default=None,
-                   help="probability threshold (default: the one chosen on validation, stored in "
+                   help="probability threshold (default: the one chosen on the training images, stored in "
                         "the checkpoint, else 0.5)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average predictions over the four flips of each image (default: as the "

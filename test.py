@@ -26,8 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from preprocess import normalize_image, read_split  # noqa: E402
 from utils import (SHIPPED_WEIGHTS, HelpFormatter, Timer, atomic_dir, atomic_path,  # noqa: E402
                    confusion, encode_probs, get_device, inference_options, load_model, predict_probs,
-                   read_image,
-                   read_mask, run_main, save_png, scores, to_tensor_image)
+                   read_image, read_mask, run_main, save_png, scores, to_tensor_image)
 
 METRICS = ["f1", "jaccard", "recall", "precision", "specificity", "accuracy"]
 TRAINED = os.path.join("runs", "unet", "model.pt")
@@ -47,7 +46,8 @@ def get_args(argv=None):
     p.add_argument("--split", default="test", help="split of --data to score")
     p.add_argument("--out", default="results", help="folder for metrics, masks and pictures")
     p.add_argument("--threshold", type=float, default=None,
-                   help="probability threshold (default: the one chosen on validation, in the checkpoint)")
+                   help="probability threshold (default: the one chosen on the training images, stored in "
+                        "the checkpoint)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average predictions over the four flips of each image (default: as the "
                         "checkpoint's threshold was chosen, see train.py --tta)")

@@ -134,7 +134,7 @@ def ema_update(decay):
 
 def inference_copy(state):
     """The part of a checkpoint that test.py and predict.py need, weights stored as fp16:
-    an eighth of best.pt's size (no optimizer, no second copy), the same scores to 4 decimals."""
+    an eighth of last.pt's size (no optimizer, no second copy), the same scores to 4 decimals."""
     weights = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
     return {"model": weights, **{k: state[k] for k in ("config", "epoch", "threshold", "tta", "val_f1")}}
 
