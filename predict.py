@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from preprocess import normalize_image
-from utils import (SHIPPED_WEIGHTS, HelpFormatter, UserError, atomic_path, create_dir, encode_probs,
-                   get_device, inference_options, load_model, predict_probs, read_image, read_mask,
-                   rle_encode, run_main, save_png, to_tensor_image)
+from utils import (SHIPPED_WEIGHTS, HelpFormatter, UserError, add_inference_args, atomic_path, create_dir,
+                   encode_probs, get_device, inference_options, load_model, predict_probs, read_image,
+                   read_mask, rle_encode, run_main, save_png, to_tensor_image)
 
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif")
 DRIVE_SIZE = (565, 584)  # (W, H) of DRIVE photographs, the scale --target-fov refers to
@@ -73,12 +73,7 @@ def get_args(argv=None):
     p.add_argument("--threshold", type=parse_threshold, default=None,
                    help="probability threshold (default: the one chosen on the training images, stored in "
                         "the checkpoint, else 0.5)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average predictions over the four flips of each image (default: as the "
-                        "checkpoint's threshold was chosen, see train.py --tta)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="network arithmetic: auto is bf16 where the device runs it natively, else fp32")
+    add_inference_args(p)
     p.add_argument("--fov", default=None, metavar="MASK",
                    help="FOV mask file (white = inside) used for every input instead of the automatic "
                         "estimate; it must have each image's size")

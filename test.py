@@ -24,9 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from preprocess import normalize_image, read_split  # noqa: E402
-from utils import (SHIPPED_WEIGHTS, HelpFormatter, Timer, atomic_dir, atomic_path,  # noqa: E402
-                   confusion, encode_probs, get_device, inference_options, load_model, predict_probs,
-                   read_image, read_mask, run_main, save_png, scores, to_tensor_image)
+from utils import (SHIPPED_WEIGHTS, HelpFormatter, Timer, add_inference_args, atomic_dir,  # noqa: E402
+                   atomic_path, confusion, encode_probs, get_device, inference_options, load_model,
+                   predict_probs, read_image, read_mask, run_main, save_png, scores, to_tensor_image)
 
 METRICS = ["f1", "jaccard", "recall", "precision", "specificity", "accuracy"]
 TRAINED = os.path.join("runs", "unet", "model.pt")
@@ -48,13 +48,7 @@ def get_args(argv=None):
     p.add_argument("--threshold", type=float, default=None,
                    help="probability threshold (default: the one chosen on the training images, stored in "
                         "the checkpoint)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average predictions over the four flips of each image (default: as the "
-                        "checkpoint's threshold was chosen, see train.py --tta)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="network arithmetic: auto is bf16 where the device runs it natively (about "
-                        "2x faster on CPU, the same scores to 4 decimals), else fp32")
+    add_inference_args(p)
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or default_checkpoint()
     return args

@@ -256,6 +256,17 @@ def _predict_whole(model, x, tta, bf16):
     return (probs / (len(FLIPS) if tta else 1))[..., :h, :w]
 
 
+def add_inference_args(parser):
+    """--tta, --device and --precision, shared by test.py and predict.py."""
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average predictions over the four flips of each image (default: as the "
+                             "checkpoint's threshold was chosen, see train.py --tta)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="network arithmetic: auto is bf16 where the device runs it natively (about "
+                             "2x faster on CPU, the same scores to 4 decimals), else fp32")
+
+
 def inference_options(args, ckpt, device):
     """(tta, bf16) for test.py and predict.py. TTA defaults to what the checkpoint's threshold
     was chosen with (a threshold fits the probabilities it was chosen on); --precision auto
