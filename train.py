@@ -33,7 +33,7 @@ from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
 from model import WNet, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
 from utils import (HelpFormatter, UserError, atomic_path, best_threshold, bf16_native,  # noqa: E402
-                   build_model, confusion, create_dir, epoch_time, get_device, predict_probs,
+                   build_model, confusion, create_dir, epoch_time, fov_box, get_device, predict_probs,
                    read_checkpoint, run_main, scores, seeding, torch_save)
 
 EPOCHS = 120
@@ -202,7 +202,7 @@ def choose_threshold(model, dataset, tta, bf16):
     for i in range(len(dataset)):
         image, mask, fov, _ = dataset[i]
         inside = fov[0].bool().numpy()
-        p = predict_probs(model, image.to(device), tta=tta, bf16=bf16)  # (H,W)
+        p = predict_probs(model, image.to(device), tta=tta, bf16=bf16, box=fov_box(inside))  # (H,W)
         probs.append(p.cpu().numpy()[inside])
         truths.append(mask[0].bool().numpy()[inside])
     return best_threshold(np.concatenate(probs), np.concatenate(truths))

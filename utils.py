@@ -2,6 +2,7 @@
 image reading, metrics, inference and run-length encoding of masks."""
 import argparse
 import contextlib
+import math
 import os
 import pickle
 import random
@@ -208,7 +209,7 @@ def build_model(cfg):
 
 
 @torch.no_grad()
-def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf16=False):
+def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf16=False, box=None):
     """Vessel probabilities for one image.
 
     image: float tensor (C, H, W) in [0, 1] on the model's device.
@@ -216,15 +217,26 @@ def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf1
     size: (W, H) the model was trained at when data was resized (dataset.py --resize);
     the image is resized to it and the probabilities back to (H, W).
     bf16: run the network in bfloat16 autocast (about 2x faster where native, the same
-    scores to 4 decimals on DRIVE). Returns float tensor (H, W) in [0, 1]. Images larger
+    scores to 4 decimals on DRIVE). box: (y0, y1, x0, x1), the pixels that matter (the
+    FOV's bounding box, see fov_box); only a window around it, grown to multiples of 16 with
+    the image's own pixels, goes through the network (DRIVE: 544x544 instead of 592x576,
+    ~20% faster) and the rest is 0. Returns float tensor (H, W) in [0, 1]. Images larger
     than `tile` are cut into overlapping tiles so memory stays bounded whatever the size.
     """
-    if size is not None and tuple(size) != (image.shape[-1], image.shape[-2]):
-        resized = F.interpolate(image[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)
-        probs = predict_probs(model, resized[0], tta, None, tile, overlap, bf16)
-        return F.interpolate(probs[None, None], size=image.shape[-2:], mode="bilinear",
-                             align_corners=False)[0, 0]
     h, w = image.shape[-2:]
+    if size is not None and tuple(size) != (w, h):
+        resized = F.interpolate(image[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)
+        if box is not None:  # the same box in the resized image's pixels
+            sy, sx = size[1] / h, size[0] / w
+            box = (int(box[0] * sy), math.ceil(box[1] * sy), int(box[2] * sx), math.ceil(box[3] * sx))
+        probs = predict_probs(model, resized[0], tta, None, tile, overlap, bf16, box)
+        return F.interpolate(probs[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    if box is not None:
+        (y0, y1), (x0, x1) = grow_span(box[0], box[1], h), grow_span(box[2], box[3], w)
+        if (y1 - y0, x1 - x0) != (h, w):
+            out = torch.zeros(h, w, device=image.device)
+            out[y0:y1, x0:x1] = predict_probs(model, image[:, y0:y1, x0:x1], tta, None, tile, overlap, bf16)
+            return out
     if h <= tile and w <= tile:
         return _predict_whole(model, image[None], tta, bf16)[0, 0]
     out = torch.zeros(h, w, device=image.device)
@@ -236,6 +248,25 @@ def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf1
             out[y0:y1, x0:x1] += _predict_whole(model, image[None, :, y0:y1, x0:x1], tta, bf16)[0, 0]
             weight[y0:y1, x0:x1] += 1
     return out / weight
+
+
+def fov_box(fov):
+    """Bounding box (y0, y1, x0, x1) of the True pixels of a bool (H, W) array; the whole
+    array when it has none."""
+    ys, xs = np.nonzero(fov)
+    if not len(ys):
+        return 0, fov.shape[0], 0, fov.shape[1]
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def grow_span(lo, hi, n, multiple=MULTIPLE):
+    """[lo, hi) grown evenly on both sides to a multiple of `multiple` inside [0, n), or to
+    all of it when that is shorter: the network then sees real pixels around the box
+    rather than padding."""
+    lo, hi = max(0, min(lo, n)), max(0, min(hi, n))
+    length = min(n, max(multiple, -(-(hi - lo) // multiple) * multiple))
+    lo = max(0, min(lo - (length - (hi - lo)) // 2, n - length))
+    return lo, lo + length
 
 
 FLIPS = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both (= rotation by 180)
