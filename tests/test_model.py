@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from model import UNet, WNet, count_parameters, fold_batchnorm, pad_to_multiple
-from utils import predict_probs
+from utils import fov_box, grow_span, predict_probs
 
 
 def test_reference_shape_512():
@@ -54,6 +55,35 @@ def test_tiled_prediction_matches_whole():
     assert tiled.shape == whole.shape
     assert (tiled - whole).abs().mean() < 0.05
 
+
+
+def test_fov_box_and_grow_span_known_answers():
+    fov = np.zeros((584, 565), bool)
+    fov[31:564, 16:551] = True  # the box of DRIVE test image 01's FOV
+    assert fov_box(fov) == (31, 564, 16, 551)
+    assert fov_box(np.zeros((5, 7), bool)) == (0, 5, 0, 7)  # no FOV: the whole image
+    assert grow_span(31, 564, 584) == (26, 570)  # 533 -> 544: 5 more before, 6 after
+    assert grow_span(16, 551, 565) == (12, 556)  # 535 -> 544: 4 before, 5 after
+    assert grow_span(0, 10, 584) == (0, 16)  # cannot start before 0
+    assert grow_span(570, 584, 584) == (568, 584)  # nor end after the image
+    assert grow_span(0, 30, 30) == (0, 30)  # longer than the image: all of it (padded later)
+
+
+def test_boxed_prediction_is_the_window_prediction():
+    """With a box the network sees only the grown window; outside it the map is 0."""
+    torch.manual_seed(0)
+    model = UNet(base=2).eval()
+    x = torch.rand(3, 100, 90)
+    probs = predict_probs(model, x, box=(20, 50, 10, 40))  # 30x30 grows to 32x32
+    (y0, y1), (x0, x1) = grow_span(20, 50, 100), grow_span(10, 40, 90)
+    assert (y0, y1, x0, x1) == (19, 51, 9, 41)
+    window = predict_probs(model, x[:, y0:y1, x0:x1])
+    assert torch.allclose(probs[y0:y1, x0:x1], window)
+    outside = torch.ones(100, 90, dtype=torch.bool)
+    outside[y0:y1, x0:x1] = False
+    assert probs[outside].abs().max() == 0
+    resized = predict_probs(model, x, size=(45, 50), box=(20, 50, 10, 40))  # box scaled with the image
+    assert resized.shape == (100, 90)
 
 def test_wnet_cascade_shapes():
     from model import WNet
