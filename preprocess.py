@@ -52,6 +52,18 @@ def train_transform(crop, channels=3):
     ])
 
 
+def degrade_transform():
+    """What other cameras and files do to a photograph, applied to the raw RGB image before
+    contrast normalisation (which amplifies such artefacts, as it does in inference):
+    JPEG compression, defocus blur, or a low resolution scaled up."""
+    return A.OneOf([
+        A.ImageCompression(quality_range=(30, 95)),
+        A.GaussianBlur(sigma_limit=(0.3, 1.5)),
+        A.Downscale(scale_range=(0.5, 0.9),
+                    interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}),
+    ], p=1.0)
+
+
 def read_split_meta(data_dir):
     """data/split.json as a dict, with a clear error when data/ was not prepared."""
     path = os.path.join(data_dir, "split.json")
@@ -77,31 +89,40 @@ def read_split(data_dir, split):
 class DriveDataset(Dataset):
     """Samples of data/<split> (or of several splits, split a tuple): image (C,H,W) float in [0,1]
     (C = NORMS[norm]), mask (1,H,W) in {0,1}, fov (1,H,W) in {0,1}, and the id. With `crop`,
-    returns augmented crops."""
+    returns augmented crops, a `degrade` fraction of them from a degraded photograph
+    (degrade_transform)."""
 
-    def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1):
+    def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0):
         splits = (split,) if isinstance(split, str) else tuple(split)
         self.items = [(os.path.join(data_dir, s), sid) for s in splits for sid in read_split(data_dir, s)]
         self.ids = [sid for _, sid in self.items]
         self.norm = norm
         self.repeats = repeats  # random crops drawn from each image per epoch
         self.transform = train_transform(crop, NORMS[norm]) if crop else None
-        self.cache = {}
+        self.degrade = degrade if crop else 0.0
+        self.degrader = degrade_transform()
+        self.seed = 0
+        self.cache, self.raw = {}, {}
 
     def __len__(self):
         return len(self.ids) * self.repeats
 
     def reseed(self, seed):
         """Make the augmentation stream a function of `seed` (exact --resume)."""
+        self.seed = seed
         if self.transform is not None:
             self.transform.set_random_seed(seed)
+            self.degrader.set_random_seed(seed)
 
     def load(self, item):
         """Normalised uint8 image (H,W,C), vessel and FOV masks (H,W) uint8 of (root, id); cached."""
         if item not in self.cache:
             root, sid = item
             image, mask, fov = (os.path.join(root, kind, f"{sid}.png") for kind in ("images", "masks", "fov"))
-            self.cache[item] = (normalize_image(read_image(image, "RGB"), self.norm),
+            rgb = read_image(image, "RGB")
+            if self.degrade:
+                self.raw[item] = rgb
+            self.cache[item] = (normalize_image(rgb, self.norm),
                                 read_mask(mask).astype(np.uint8), read_mask(fov).astype(np.uint8))
         return self.cache[item]
 
@@ -110,6 +131,9 @@ class DriveDataset(Dataset):
             raise IndexError(index)
         item = self.items[index % len(self.items)]
         image, mask, fov = self.load(item)
+        # whether to degrade: a function of (seed, index) alone, whatever the worker
+        if self.degrade and np.random.default_rng([self.seed, index]).random() < self.degrade:
+            image = normalize_image(self.degrader(image=self.raw[item])["image"], self.norm)
         if self.transform is not None:
             out = self.transform(image=image, masks=[mask, fov])
             image, (mask, fov) = out["image"], out["masks"]

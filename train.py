@@ -62,6 +62,9 @@ def get_args(argv=None):
                    help="cosine with linear warm-up (per step), or the blog's ReduceLROnPlateau "
                         "on the validation loss")
     p.add_argument("--warmup", type=float, default=2, help="warm-up epochs for --sched cosine")
+    p.add_argument("--degrade", type=float, default=0.3,
+                   help="fraction of training crops cut from a photograph first JPEG-compressed, "
+                        "blurred or downscaled, as other cameras deliver them (0 turns it off)")
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
     p.add_argument("--arch", choices=("unet", "wnet"), default="unet",
                    help="one U-Net, or two in cascade (the second refines the first)")
@@ -249,12 +252,13 @@ def main(argv=None):
                    max_steps=args.max_steps, out=args.out)
         cfg.setdefault("tta", args.tta)  # runs begun before these options existed
         cfg.setdefault("train_on_val", False)
+        cfg.setdefault("degrade", 0.0)
     else:
         cfg = dict(vars(args), epochs=args.epochs or EPOCHS)
     seeding(cfg["seed"])
     fitted = ("train", "val") if cfg["train_on_val"] else "train"
     train_ds = DriveDataset(cfg["data"], fitted, cfg["norm"], crop=cfg["crop"],
-                            repeats=cfg["crops_per_image"])
+                            repeats=cfg["crops_per_image"], degrade=cfg["degrade"])
     val_ds = DriveDataset(cfg["data"], "val", cfg["norm"])
     steps_per_epoch = math.ceil(len(train_ds) / cfg["batch_size"])
     cfg["in_ch"] = NORMS[cfg["norm"]]
