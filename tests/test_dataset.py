@@ -79,6 +79,19 @@ def test_augmentation_reseed_repeats(synthetic):
     assert torch.equal(a, ds[0][0])
 
 
+
+def test_degraded_crops_differ_and_repeat(synthetic):
+    """--degrade 1: every crop comes from a degraded photograph, the same for the same seed;
+    masks are untouched, and crops differ from the undegraded ones."""
+    data = str(synthetic / "data")
+    plain, degraded = (DriveDataset(data, "train", crop=64, degrade=d) for d in (0.0, 1.0))
+    for ds in (plain, degraded):
+        ds.reseed(7)
+    (a, mask_a, _, _), (b, mask_b, _, _) = plain[0], degraded[0]
+    assert torch.equal(mask_a, mask_b) and not torch.equal(a, b)
+    degraded.reseed(7)
+    assert torch.equal(b, degraded[0][0])
+
 def test_offline_augment_and_resize(synthetic, tmp_path):
     from conftest import run_script
     r = run_script("dataset.py", "--drive", synthetic / "synthetic_DRIVE", "--out", tmp_path / "d",
