@@ -19,7 +19,6 @@ import argparse
 import collections
 import csv
 import glob
-import math
 import os
 import sys
 
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from preprocess import normalize_image
 from utils import (SHIPPED_WEIGHTS, HelpFormatter, UserError, add_inference_args, atomic_path, create_dir,
                    encode_probs, fov_box, get_device, inference_options, load_model, predict_probs,
-                   read_image, read_mask, rle_encode, run_main, save_png, to_tensor_image)
+                   read_image, read_mask, rle_encode, run_main, save_png, scale_box, to_tensor_image)
 
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif")
 DRIVE_SIZE = (565, 584)  # (W, H) of DRIVE photographs, the scale --target-fov refers to
@@ -222,9 +221,7 @@ def segment(model, rgb, fov, norm, target, args, device, options):
     # normalise at the network's scale, as in training: CLAHE tiles depend on the size
     x = to_tensor_image(normalize_image(rgb, norm)).to(device)  # (3, h', w')
     tta, bf16 = options
-    # the FOV's box at the network's scale, 2 pixels wider: bilinear resizing back reads 1 beyond
-    y0, y1, x0, x1 = fov_box(fov)
-    box = (int(y0 * factor) - 2, math.ceil(y1 * factor) + 2, int(x0 * factor) - 2, math.ceil(x1 * factor) + 2)
+    box = scale_box(fov_box(fov), factor, factor)  # the FOV's box at the network's scale
     probs = predict_probs(model, x, tta=tta, tile=args.tile, overlap=min(64, args.tile // 4), bf16=bf16,
                           box=box)
     if factor != 1.0:

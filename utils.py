@@ -227,8 +227,7 @@ def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf1
     if size is not None and tuple(size) != (w, h):
         resized = F.interpolate(image[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)
         if box is not None:  # the same box in the resized image's pixels
-            sy, sx = size[1] / h, size[0] / w
-            box = (int(box[0] * sy), math.ceil(box[1] * sy), int(box[2] * sx), math.ceil(box[3] * sx))
+            box = scale_box(box, size[1] / h, size[0] / w)
         probs = predict_probs(model, resized[0], tta, None, tile, overlap, bf16, box)
         return F.interpolate(probs[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     if box is not None:
@@ -257,6 +256,13 @@ def fov_box(fov):
     if not len(ys):
         return 0, fov.shape[0], 0, fov.shape[1]
     return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def scale_box(box, sy, sx, margin=2):
+    """box (y0, y1, x0, x1) in the pixels of an image resized by (sy, sx), `margin` pixels
+    wider: bilinear resizing back reads a pixel beyond. grow_span clips it to the image."""
+    return (int(box[0] * sy) - margin, math.ceil(box[1] * sy) + margin,
+            int(box[2] * sx) - margin, math.ceil(box[3] * sx) + margin)
 
 
 def grow_span(lo, hi, n, multiple=MULTIPLE):
