@@ -36,16 +36,21 @@ def normalize_image(rgb, norm):
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
-def train_transform(crop, channels=3):
+def train_transform(crop, channels=3, soft=False):
     """Online augmentation: random native-resolution crop, flips, rotation/scale,
-    and photometric changes (brightness, contrast, gamma, and colour when there is any)."""
+    and photometric changes (brightness, contrast, gamma, and colour when there is any).
+
+    soft: resample the masks of a rotated or scaled crop bilinearly (the fraction of each
+    pixel a vessel covers, pass them as float) rather than to the nearest pixel, whose
+    staircase edges no photograph has."""
     colour = [A.HueSaturationValue(10, 20, 10, p=0.5)] if channels == 3 else []
     return A.Compose([
         A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
         A.RandomCrop(crop, crop),
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
-        A.Affine(scale=(0.8, 1.25), rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7),
+        A.Affine(scale=(0.8, 1.25), rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7,
+                 mask_interpolation=cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST),
         A.RandomBrightnessContrast(0.2, 0.2, p=0.7),
         A.RandomGamma((70, 150), p=0.5),
         *colour,
@@ -90,15 +95,17 @@ class DriveDataset(Dataset):
     """Samples of data/<split> (or of several splits, split a tuple): image (C,H,W) float in [0,1]
     (C = NORMS[norm]), mask (1,H,W) in {0,1}, fov (1,H,W) in {0,1}, and the id. With `crop`,
     returns augmented crops, a `degrade` fraction of them from a degraded photograph
-    (degrade_transform)."""
+    (degrade_transform); with `soft_labels`, the masks of rotated or scaled crops are in [0, 1]
+    (train_transform's soft)."""
 
-    def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0):
+    def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0, soft_labels=False):
         splits = (split,) if isinstance(split, str) else tuple(split)
         self.items = [(os.path.join(data_dir, s), sid) for s in splits for sid in read_split(data_dir, s)]
         self.ids = [sid for _, sid in self.items]
         self.norm = norm
         self.repeats = repeats  # random crops drawn from each image per epoch
-        self.transform = train_transform(crop, NORMS[norm]) if crop else None
+        self.transform = train_transform(crop, NORMS[norm], soft_labels) if crop else None
+        self.soft_labels = bool(soft_labels and crop)
         self.degrade = degrade if crop else 0.0
         self.degrader = degrade_transform()
         self.seed = 0
@@ -134,6 +141,8 @@ class DriveDataset(Dataset):
         # whether to degrade: a function of (seed, index) alone, whatever the worker
         if self.degrade and np.random.default_rng([self.seed, index]).random() < self.degrade:
             image = normalize_image(self.degrader(image=self.raw[item])["image"], self.norm)
+        if self.soft_labels:  # uint8 0/1 would round the bilinear fractions back to 0 or 1
+            mask, fov = mask.astype(np.float32), fov.astype(np.float32)
         if self.transform is not None:
             out = self.transform(image=image, masks=[mask, fov])
             image, (mask, fov) = out["image"], out["masks"]

@@ -92,6 +92,25 @@ def test_degraded_crops_differ_and_repeat(synthetic):
     degraded.reseed(7)
     assert torch.equal(b, degraded[0][0])
 
+
+def test_soft_labels_keep_the_crops_and_soften_only_edges(synthetic):
+    """--soft-labels: the same image crops as without it; masks in [0, 1] whose fractions
+    sit on vessel edges and which round to nearly the nearest-pixel mask, with the same area."""
+    data = str(synthetic / "data")
+    hard, soft = (DriveDataset(data, "train", crop=64, repeats=8, soft_labels=s) for s in (False, True))
+    hard.reseed(3)
+    soft.reseed(3)
+    fractional = 0
+    for i in range(len(hard)):
+        (a, mask_a, _, _), (b, mask_b, fov_b, _) = hard[i], soft[i]
+        assert torch.equal(a, b) and mask_b.dtype == torch.float32
+        assert 0 <= mask_b.min() and mask_b.max() <= 1 and 0 <= fov_b.min() and fov_b.max() <= 1
+        assert ((mask_b > 0.5).float() != mask_a).float().mean() < 0.05
+        assert abs(mask_b.sum() - mask_a.sum()) <= 0.05 * mask_a.sum() + 10
+        fractional += ((mask_b > 0) & (mask_b < 1)).sum().item()
+    assert fractional > 0  # some of the 32 crops were rotated or scaled
+
+
 def test_offline_augment_and_resize(synthetic, tmp_path):
     from conftest import run_script
     r = run_script("dataset.py", "--drive", synthetic / "synthetic_DRIVE", "--out", tmp_path / "d",
