@@ -69,7 +69,9 @@ def get_args(argv=None):
                         "validation images (README, Other cameras)")
     p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=False,
                    help="resample the vessel and FOV masks of rotated or scaled crops bilinearly "
-                        "(soft targets at vessel edges) instead of to the nearest pixel")
+                        "(soft targets at vessel edges) instead of to the nearest pixel; held out "
+                        "over 3 seeds it cost ~0.001 F1 and ~0.002 AUC on the validation images "
+                        "(README)")
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
     p.add_argument("--arch", choices=("unet", "wnet"), default="unet",
                    help="one U-Net, or two in cascade (the second refines the first)")
