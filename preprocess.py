@@ -41,8 +41,8 @@ def train_transform(crop, channels=3, soft=False):
     and photometric changes (brightness, contrast, gamma, and colour when there is any).
 
     soft: resample the masks of a rotated or scaled crop bilinearly (the fraction of each
-    pixel a vessel covers, pass them as float) rather than to the nearest pixel, whose
-    staircase edges no photograph has."""
+    pixel a vessel covers; the masks must then be float) rather than to the nearest pixel,
+    whose staircase edges no photograph has."""
     colour = [A.HueSaturationValue(10, 20, 10, p=0.5)] if channels == 3 else []
     return A.Compose([
         A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
@@ -104,8 +104,8 @@ class DriveDataset(Dataset):
         self.ids = [sid for _, sid in self.items]
         self.norm = norm
         self.repeats = repeats  # random crops drawn from each image per epoch
-        self.transform = train_transform(crop, NORMS[norm], soft_labels) if crop else None
         self.soft_labels = bool(soft_labels and crop)
+        self.transform = train_transform(crop, NORMS[norm], self.soft_labels) if crop else None
         self.degrade = degrade if crop else 0.0
         self.degrader = degrade_transform()
         self.seed = 0
