@@ -57,7 +57,9 @@ def get_args(argv=None):
     p.add_argument("--crops-per-image", type=int, default=13,
                    help="crops drawn from each training image per epoch")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="AdamW weight decay; 0.05, held out over 3 seeds, scored level with 1e-4 "
+                        "on the validation images (README)")
     p.add_argument("--sched", choices=("cosine", "plateau"), default="cosine",
                    help="cosine with linear warm-up (per step), or the blog's ReduceLROnPlateau "
                         "on the validation loss")
