@@ -290,7 +290,7 @@ def main(argv=None):
         start, step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best_f1"], ckpt["history"]
     bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and bf16_native(device))
     create_dir(cfg["out"])
-    print(f"device {device}{' bf16' if bf16 else ''} | {cfg['arch']} base {cfg['base']} "
+    print(f"device {device} {'bf16' if bf16 else 'fp32'} | {cfg['arch']} base {cfg['base']} "
           f"({cfg['parameters']:,} parameters) | "
           f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
           f"{len(val_ds.ids)} val{' (trained on too)' if cfg['train_on_val'] else ''} | "
@@ -327,7 +327,8 @@ def main(argv=None):
                   "validation (also trained on)" if cfg["train_on_val"] else "validation")
         print(f"epoch {epoch:3d}/{cfg['epochs']} | train loss {train_loss:.4f} | val loss {val_loss:.4f} "
               f"| val F1 {val_f1:.4f} (best thr {threshold:.2f}: {val_f1_best:.4f})"
-              f"{' *' if improved else ''} | {row['seconds']:.0f}s", flush=True)
+              f"{' *' if improved else ''} | {row['seconds']:.0f}s{eta(history, start, cfg['epochs'])}",
+              flush=True)
         if cfg["max_steps"] is not None and step >= cfg["max_steps"]:
             print(f"reached --max-steps {cfg['max_steps']}")
             break
@@ -335,6 +336,17 @@ def main(argv=None):
     if epoch > start:
         print(f"trained epochs {start + 1}..{epoch} in {minutes}m {seconds:02d}s (with validation)")
     finish(scored, cfg, device)
+
+
+def eta(history, start, epochs):
+    """', ~Xm left' (or ~XhYYm, ~Xs) from this session's mean epoch time; '' on the last epoch.
+    The time per epoch varies ~4x between CPUs (native bf16 or not), so the README's figure may
+    not be this machine's."""
+    done = history[start:]
+    left = (epochs - done[-1]["epoch"]) * sum(r["seconds"] for r in done) / len(done)
+    m = round(left / 60)
+    text = f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m" if m else f"{left:.0f}s"
+    return f", ~{text} left" if left > 0 else ""
 
 
 def finish(scored, cfg, device):

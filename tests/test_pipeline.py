@@ -115,3 +115,14 @@ def test_max_steps_smoke_other_options(synthetic, tmp_path):
 def test_help(script, tmp_path):
     r = run_script(script, "--help", cwd=tmp_path)
     assert r.returncode == 0 and "default" in r.stdout
+
+
+def test_eta_counts_only_this_sessions_epochs():
+    import train
+    # resumed after epoch 1 (whose 999 s came from another machine): mean 90 s x 8 epochs left
+    history = [{"epoch": 1, "seconds": 999.0}, {"epoch": 2, "seconds": 60.0}, {"epoch": 3, "seconds": 120.0}]
+    assert train.eta(history, 1, 11) == ", ~12m left"
+    assert train.eta(history, 1, 119) == ", ~2h54m left"  # 116 x 90 s
+    assert train.eta(history, 1, 4) == ", ~2m left"  # 90 s, to the nearest minute
+    assert train.eta([{"epoch": 1, "seconds": 20.0}, {"epoch": 2, "seconds": 40.0}], 0, 3) == ", ~30s left"
+    assert train.eta(history, 0, 3) == ""  # the last epoch: nothing left
