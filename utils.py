@@ -301,7 +301,8 @@ def add_inference_args(parser):
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="network arithmetic: auto is bf16 where the device runs it natively (about "
-                             "2x faster on CPU, the same scores to 4 decimals), else fp32")
+                             "2x faster on CPU, the same F1, AUC and accuracy to 4 decimals on DRIVE), "
+                             "else fp32")
 
 
 def inference_options(args, ckpt, device):
