@@ -3,6 +3,8 @@
 Pure: no I/O, no device choice. With base=64 this is the classic network
 (encoder 64-128-256-512, bottleneck 1024, transposed-conv decoder, skip
 concatenation, 1x1 head). Smaller bases keep the same shape and train on a CPU.
+S2DUNet runs the same U-Net on 2x2 blocks of pixels, a quarter of the work.
+Every network has `multiple`: the number its input's height and width must divide by.
 """
 import torch
 import torch.nn as nn
@@ -60,6 +62,7 @@ class UNet(nn.Module):
 
     H and W must be multiples of 16; pad with `pad_to_multiple` first.
     """
+    multiple = MULTIPLE
 
     def __init__(self, in_ch=3, out_ch=1, base=64):
         super().__init__()
@@ -74,12 +77,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(w[0], out_ch, kernel_size=1)
 
     def forward(self, x):
-        if x.dim() != 4 or x.shape[1] != self.in_ch:
-            raise ValueError(f"expected input (N, {self.in_ch}, H, W), got {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        if h % MULTIPLE or w % MULTIPLE:
-            raise ValueError(f"input size {h}x{w} is not a multiple of {MULTIPLE}; "
-                             "pad it first (model.pad_to_multiple)")
+        check_input(x, self.in_ch, self.multiple)
         skips = []
         for enc in self.encoders:
             s, x = enc(x)
@@ -90,10 +88,35 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+class S2DUNet(nn.Module):
+    """The U-Net on 2x2 pixel blocks (space-to-depth): pixel_unshuffle turns the image
+    (N, C, H, W) losslessly into (N, 4C, H/2, W/2); a UNet(4C, 4 * out_ch, base) runs at that
+    half resolution (its bottom is at H/32) and predicts the four pixels of every block,
+    which pixel_shuffle puts back: logits (N, out_ch, H, W).
+
+    The same parameters as UNet(base) and nearly the same operations below half resolution,
+    but no full-resolution stage: on CPUs without native bf16 the narrow full-resolution
+    convolutions are most of the U-Net's time, so this trains ~4x and infers ~4x faster there.
+    H and W must be multiples of 32."""
+    multiple = 2 * MULTIPLE
+
+    def __init__(self, in_ch=3, out_ch=1, base=16):
+        super().__init__()
+        self.in_ch = in_ch
+        self.net = UNet(4 * in_ch, 4 * out_ch, base)
+
+    def forward(self, x):
+        check_input(x, self.in_ch, self.multiple)
+        x = nn.functional.pixel_unshuffle(x, 2)  # (N, 4C, H/2, W/2)
+        return nn.functional.pixel_shuffle(self.net(x), 2)  # (N, 4*out, H/2, W/2) -> (N, out, H, W)
+
+
 class WNet(nn.Module):
     """Two U-Nets in cascade (Galdran et al., 2022): the second sees the image and the
     first's vessel probabilities, and refines them. Returns the second's logits
     (N, out_ch, H, W); with return_all=True also the first's, to supervise both."""
+
+    multiple = MULTIPLE
 
     def __init__(self, in_ch=3, out_ch=1, base=8):
         super().__init__()
@@ -122,6 +145,16 @@ def fold_batchnorm(model):
                     block.body[i] = nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
                     block.body[i + 1] = nn.Identity()
     return model
+
+
+def check_input(x, in_ch, multiple):
+    """A clear error for a tensor a network cannot take: (N, in_ch, H, W), H and W multiples."""
+    if x.dim() != 4 or x.shape[1] != in_ch:
+        raise ValueError(f"expected input (N, {in_ch}, H, W), got {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h % multiple or w % multiple:
+        raise ValueError(f"input size {h}x{w} is not a multiple of {multiple}; "
+                         "pad it first (model.pad_to_multiple)")
 
 
 def pad_to_multiple(x, multiple=MULTIPLE):

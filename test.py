@@ -210,7 +210,8 @@ def main(argv=None):
     args = get_args(argv)
     device = get_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
-    arch = {"unet": "U-Net", "wnet": "W-Net"}[ckpt["config"].get("arch", "unet")]
+    names = {"unet": "U-Net", "s2d": "space-to-depth U-Net", "wnet": "W-Net"}
+    arch = names[ckpt["config"].get("arch", "unet")]
     print(f"checkpoint {args.checkpoint} ({arch} base {ckpt['config']['base']}, "
           f"epoch {ckpt.get('epoch', '?')}, val F1 {ckpt.get('val_f1', float('nan')):.4f})")
     with atomic_dir(args.out) as tmp:

@@ -53,7 +53,7 @@ def get_args(argv=None):
                    help=f"epochs to train in all (default: {EPOCHS}; with --resume, the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=4, help="crops per optimizer step")
     p.add_argument("--crop", type=int, default=256,
-                   help="side of the random training crops (multiple of 16)")
+                   help="side of the random training crops (multiple of 16; of 32 for --arch s2d)")
     p.add_argument("--crops-per-image", type=int, default=13,
                    help="crops drawn from each training image per epoch")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
@@ -75,8 +75,10 @@ def get_args(argv=None):
                         "over 3 seeds it cost ~0.001 F1 and ~0.002 AUC on the validation images "
                         "(README)")
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
-    p.add_argument("--arch", choices=("unet", "wnet"), default="unet",
-                   help="one U-Net, or two in cascade (the second refines the first)")
+    p.add_argument("--arch", choices=("unet", "s2d", "wnet"), default="unet",
+                   help="the U-Net; the U-Net on 2x2 pixel blocks (space-to-depth: the same "
+                        "parameters, ~4x faster on CPUs without native bf16, crops multiple of "
+                        "32); or two U-Nets in cascade (the second refines the first)")
     p.add_argument("--base", type=int, default=16, help="U-Net base width (64 is the paper's)")
     p.add_argument("--norm", choices=tuple(NORMS), default="clahe", help="image contrast normalisation")
     p.add_argument("--ema", type=float, default=0.99,
@@ -107,8 +109,9 @@ def get_args(argv=None):
         p.error(f"--epochs must be at least 1, got {args.epochs}")
     if not 0 <= args.degrade <= 1:
         p.error(f"--degrade is a fraction of the crops, from 0 to 1; got {args.degrade}")
-    if args.crop % 16 or args.crop < 16:
-        p.error(f"--crop must be a positive multiple of 16, got {args.crop}")
+    multiple = 32 if args.arch == "s2d" else 16
+    if args.crop % multiple or args.crop < multiple:
+        p.error(f"--crop must be a positive multiple of {multiple} for --arch {args.arch}, got {args.crop}")
     return args
 
 
@@ -187,7 +190,7 @@ def validate(model, dataset, loss_fn, device):
     losses, probs, truths = [], [], []
     for i in range(len(dataset)):
         image, mask, fov, _ = dataset[i]
-        x, (h, w) = pad_to_multiple(image[None].to(device))  # (1,C,H',W'), multiples of 16
+        x, (h, w) = pad_to_multiple(image[None].to(device), model.multiple)  # (1,C,H',W')
         x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x)[..., :h, :w]  # (1,1,H,W)
         losses.append(loss_fn(logits, mask[None].to(device), fov[None].to(device)).item())

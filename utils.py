@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from model import MULTIPLE, UNet, WNet, fold_batchnorm, pad_to_multiple
+from model import S2DUNet, UNet, WNet, fold_batchnorm, pad_to_multiple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_WEIGHTS = os.path.join(HERE, "weights", "drive_unet.pt")
@@ -204,7 +204,7 @@ def load_model(path, device):
 
 def build_model(cfg):
     """The network a config describes (train.py's resolved arguments)."""
-    net = {"unet": UNet, "wnet": WNet}[cfg.get("arch", "unet")]
+    net = {"unet": UNet, "s2d": S2DUNet, "wnet": WNet}[cfg.get("arch", "unet")]
     return net(in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"])
 
 
@@ -218,7 +218,7 @@ def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf1
     the image is resized to it and the probabilities back to (H, W).
     bf16: run the network in bfloat16 autocast (about 2x faster where native, the same
     scores to 4 decimals on DRIVE). box: (y0, y1, x0, x1), the pixels that matter (the
-    FOV's bounding box, see fov_box); only a window around it, grown to multiples of 16 with
+    FOV's bounding box, see fov_box); only a window around it, grown to multiples of model.multiple with
     the image's own pixels, goes through the network (DRIVE: 544x544 instead of 592x576,
     ~20% faster) and the rest is 0. Returns float tensor (H, W) in [0, 1]. Images larger
     than `tile` are cut into overlapping tiles so memory stays bounded whatever the size.
@@ -231,7 +231,8 @@ def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf1
         probs = predict_probs(model, resized[0], tta, None, tile, overlap, bf16, box)
         return F.interpolate(probs[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     if box is not None:
-        (y0, y1), (x0, x1) = grow_span(box[0], box[1], h), grow_span(box[2], box[3], w)
+        m = model.multiple
+        (y0, y1), (x0, x1) = grow_span(box[0], box[1], h, m), grow_span(box[2], box[3], w, m)
         if (y1 - y0, x1 - x0) != (h, w):
             out = torch.zeros(h, w, device=image.device)
             out[y0:y1, x0:x1] = predict_probs(model, image[:, y0:y1, x0:x1], tta, None, tile, overlap, bf16)
@@ -265,7 +266,7 @@ def scale_box(box, sy, sx, margin=2):
             int(box[2] * sx) - margin, math.ceil(box[3] * sx) + margin)
 
 
-def grow_span(lo, hi, n, multiple=MULTIPLE):
+def grow_span(lo, hi, n, multiple):
     """[lo, hi) grown evenly on both sides to a multiple of `multiple` inside [0, n), or to
     all of it when that is shorter: the network then sees real pixels around the box
     rather than padding."""
@@ -279,8 +280,8 @@ FLIPS = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both (= rota
 
 
 def _predict_whole(model, x, tta, bf16):
-    """x: (N,C,H,W) -> probabilities (N,1,H,W); pads to a multiple of 16 and crops back."""
-    xp, (h, w) = pad_to_multiple(x, MULTIPLE)
+    """x: (N,C,H,W) -> probabilities (N,1,H,W); pads to model.multiple and crops back."""
+    xp, (h, w) = pad_to_multiple(x, model.multiple)
     xp = xp.contiguous(memory_format=torch.channels_last)
     probs = 0
     # one view at a time: on CPU a batch of 4 views runs slower per view than 4 batches of 1

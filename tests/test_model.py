@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import UNet, WNet, count_parameters, fold_batchnorm, pad_to_multiple
+from model import S2DUNet, UNet, WNet, count_parameters, fold_batchnorm, pad_to_multiple
 from utils import fov_box, grow_span, predict_probs
 
 
@@ -62,11 +62,11 @@ def test_fov_box_and_grow_span_known_answers():
     fov[31:564, 16:551] = True  # the box of DRIVE test image 01's FOV
     assert fov_box(fov) == (31, 564, 16, 551)
     assert fov_box(np.zeros((5, 7), bool)) == (0, 5, 0, 7)  # no FOV: the whole image
-    assert grow_span(31, 564, 584) == (26, 570)  # 533 -> 544: 5 more before, 6 after
-    assert grow_span(16, 551, 565) == (12, 556)  # 535 -> 544: 4 before, 5 after
-    assert grow_span(0, 10, 584) == (0, 16)  # cannot start before 0
-    assert grow_span(570, 584, 584) == (568, 584)  # nor end after the image
-    assert grow_span(0, 30, 30) == (0, 30)  # longer than the image: all of it (padded later)
+    assert grow_span(31, 564, 584, 16) == (26, 570)  # 533 -> 544: 5 more before, 6 after
+    assert grow_span(16, 551, 565, 16) == (12, 556)  # 535 -> 544: 4 before, 5 after
+    assert grow_span(0, 10, 584, 16) == (0, 16)  # cannot start before 0
+    assert grow_span(570, 584, 584, 16) == (568, 584)  # nor end after the image
+    assert grow_span(0, 30, 30, 16) == (0, 30)  # longer than the image: all of it (padded later)
 
 
 def test_boxed_prediction_is_the_window_prediction():
@@ -75,7 +75,7 @@ def test_boxed_prediction_is_the_window_prediction():
     model = UNet(base=2).eval()
     x = torch.rand(3, 100, 90)
     probs = predict_probs(model, x, box=(20, 50, 10, 40))  # 30x30 grows to 32x32
-    (y0, y1), (x0, x1) = grow_span(20, 50, 100), grow_span(10, 40, 90)
+    (y0, y1), (x0, x1) = grow_span(20, 50, 100, 16), grow_span(10, 40, 90, 16)
     assert (y0, y1, x0, x1) == (19, 51, 9, 41)
     window = predict_probs(model, x[:, y0:y1, x0:x1])
     assert torch.allclose(probs[y0:y1, x0:x1], window)
@@ -95,7 +95,32 @@ def test_wnet_cascade_shapes():
     assert model.second.in_ch == 2  # the image and the first stage's probabilities
 
 
-@pytest.mark.parametrize("net", [UNet, WNet])
+def test_s2d_unet_shapes_and_errors():
+    model = S2DUNet(base=4).eval()
+    assert model.net.in_ch == 12 and model.net.head.out_channels == 4  # 2x2 blocks of 3 channels
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 96)).shape == (2, 1, 64, 96)
+    with pytest.raises(ValueError, match="48x48 is not a multiple of 32"):
+        model(torch.rand(1, 3, 48, 48))
+    # inference pads to 32 and crops back, with a box too
+    probs = predict_probs(model, torch.rand(3, 70, 50), tta=True, box=(5, 60, 3, 40))
+    assert probs.shape == (70, 50) and 0 <= probs.min() and probs.max() <= 1
+
+
+def test_s2d_unet_outputs_pixel_blocks():
+    """Output pixel (2i+a, 2j+b) is channel 2a+b of the half-resolution net at (i, j)."""
+    torch.manual_seed(0)
+    model = S2DUNet(base=2).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)  # (1,1,64,64)
+        half = model.net(torch.nn.functional.pixel_unshuffle(x, 2))  # (1,4,32,32)
+    for a in (0, 1):
+        for b in (0, 1):
+            assert torch.equal(out[0, 0, a::2, b::2], half[0, 2 * a + b])
+
+
+@pytest.mark.parametrize("net", [UNet, S2DUNet, WNet])
 def test_fold_batchnorm_keeps_outputs(net):
     torch.manual_seed(0)
     model = net(base=4)
@@ -104,7 +129,7 @@ def test_fold_batchnorm_keeps_outputs(net):
         for _ in range(3):
             model(torch.rand(2, 3, 32, 32) * 2 + 0.5)
     model.eval()
-    x = torch.rand(1, 3, 48, 64)
+    x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
         folded = fold_batchnorm(model)
