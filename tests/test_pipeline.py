@@ -111,6 +111,23 @@ def test_max_steps_smoke_other_options(synthetic, tmp_path):
     assert m["n_images"] == 3 and m["tta"] is False and m["precision"] == "fp32"
 
 
+def test_s2d_trains_and_predicts(synthetic, tmp_path):
+    """--arch s2d trains, and test.py and predict.py rebuild it (inputs padded to 32)."""
+    r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
+                   "--arch", "s2d", "--precision", "fp32", "--out", tmp_path / "s", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "s2d base 2" in r.stdout
+    r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
+                   "--out", tmp_path / "res", "--no-tta", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "space-to-depth U-Net base 2" in r.stdout
+    image = next((synthetic / "data" / "test" / "images").iterdir())
+    r = run_script("predict.py", image, "--checkpoint", tmp_path / "s" / "model.pt",
+                   "--out", tmp_path / "pred", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "pred" / f"{image.stem}_mask.png").is_file()
+
+
 @pytest.mark.parametrize("script", ["dataset.py", "train.py", "test.py"])
 def test_help(script, tmp_path):
     r = run_script(script, "--help", cwd=tmp_path)
