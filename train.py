@@ -77,8 +77,9 @@ def get_args(argv=None):
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
     p.add_argument("--arch", choices=("unet", "s2d", "wnet"), default="unet",
                    help="the U-Net; the U-Net on 2x2 pixel blocks (space-to-depth: the same "
-                        "parameters, ~4x faster on CPUs without native bf16, crops multiple of "
-                        "32); or two U-Nets in cascade (the second refines the first)")
+                        "parameters, on CPUs without native bf16 ~4x faster to train and ~3x "
+                        "to run, crops multiple of 32; README); or two U-Nets in cascade (the "
+                        "second refines the first)")
     p.add_argument("--base", type=int, default=16, help="U-Net base width (64 is the paper's)")
     p.add_argument("--norm", choices=tuple(NORMS), default="clahe", help="image contrast normalisation")
     p.add_argument("--ema", type=float, default=0.99,
