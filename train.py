@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
 from model import WNet, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
-from utils import (HelpFormatter, UserError, atomic_path, best_threshold, bf16_native,  # noqa: E402
+from utils import (ARCHS, HelpFormatter, UserError, atomic_path, best_threshold, bf16_native,  # noqa: E402
                    build_model, confusion, create_dir, epoch_time, fov_box, get_device, predict_probs,
                    read_checkpoint, run_main, scores, seeding, torch_save)
 
@@ -75,7 +75,7 @@ def get_args(argv=None):
                         "over 3 seeds it cost ~0.001 F1 and ~0.002 AUC on the validation images "
                         "(README)")
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
-    p.add_argument("--arch", choices=("unet", "s2d", "wnet"), default="unet",
+    p.add_argument("--arch", choices=tuple(ARCHS), default="unet",
                    help="the U-Net; the U-Net on 2x2 pixel blocks (space-to-depth: the same "
                         "parameters, on CPUs without native bf16 ~4x faster to train and ~3x "
                         "to run, crops multiple of 32; README); or two U-Nets in cascade (the "
@@ -110,7 +110,7 @@ def get_args(argv=None):
         p.error(f"--epochs must be at least 1, got {args.epochs}")
     if not 0 <= args.degrade <= 1:
         p.error(f"--degrade is a fraction of the crops, from 0 to 1; got {args.degrade}")
-    multiple = 32 if args.arch == "s2d" else 16
+    multiple = ARCHS[args.arch].multiple
     if args.crop % multiple or args.crop < multiple:
         p.error(f"--crop must be a positive multiple of {multiple} for --arch {args.arch}, got {args.crop}")
     return args

@@ -202,10 +202,12 @@ def load_model(path, device):
     return model.to(device, memory_format=torch.channels_last), ckpt
 
 
+ARCHS = {"unet": UNet, "s2d": S2DUNet, "wnet": WNet}  # train.py --arch -> network class
+
+
 def build_model(cfg):
     """The network a config describes (train.py's resolved arguments)."""
-    net = {"unet": UNet, "s2d": S2DUNet, "wnet": WNet}[cfg.get("arch", "unet")]
-    return net(in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"])
+    return ARCHS[cfg.get("arch", "unet")](in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"])
 
 
 @torch.no_grad()
@@ -218,8 +220,8 @@ def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf1
     the image is resized to it and the probabilities back to (H, W).
     bf16: run the network in bfloat16 autocast (about 2x faster where native, the same
     scores to 4 decimals on DRIVE). box: (y0, y1, x0, x1), the pixels that matter (the
-    FOV's bounding box, see fov_box); only a window around it, grown to multiples of model.multiple with
-    the image's own pixels, goes through the network (DRIVE: 544x544 instead of 592x576,
+    FOV's bounding box, see fov_box); only a window around it, grown to multiples of
+    model.multiple with the image's own pixels, goes through the network (DRIVE: 544x544 instead of 592x576,
     ~20% faster) and the rest is 0. Returns float tensor (H, W) in [0, 1]. Images larger
     than `tile` are cut into overlapping tiles so memory stays bounded whatever the size.
     """
