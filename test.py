@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from preprocess import normalize_image, read_split  # noqa: E402
 from utils import (SHIPPED_WEIGHTS, HelpFormatter, Timer, add_inference_args, atomic_dir,  # noqa: E402
                    atomic_path, confusion, encode_probs, fov_box, get_device, inference_options, load_model,
-                   predict_probs, read_image, read_mask, run_main, save_png, scores, to_tensor_image)
+                   predict_probs, read_image, read_mask, run_main, save_png, scores, to_tensor_image,
+                   tta_text)
 
 METRICS = ["f1", "jaccard", "recall", "precision", "specificity", "accuracy"]
 TRAINED = os.path.join("runs", "unet", "model.pt")
@@ -199,8 +200,7 @@ def report(m):
     lines.append(report_line("  per-image std", m["per_image_std"]))
     if m["second_annotator"]:
         lines.append(report_line("2nd human annotator", m["second_annotator"]))
-    tta = ", mean of the 4 flips" if m["tta"] else ""
-    lines.append(f"{m['n_images']} images, threshold {m['threshold']:.3f}{tta}; "
+    lines.append(f"{m['n_images']} images, threshold {m['threshold']:.3f}{tta_text(m['tta'])}; "
                  f"{m['seconds_per_image']:.3f} s/image ({m['fps']:.1f} FPS, batch 1, {m['device']}, "
                  f"{m['precision']})")
     return "\n".join(lines)

@@ -32,9 +32,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
 from model import WNet, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
-from utils import (ARCHS, HelpFormatter, UserError, atomic_path, best_threshold, bf16_native,  # noqa: E402
-                   build_model, confusion, create_dir, epoch_time, fov_box, get_device, predict_probs,
-                   read_checkpoint, run_main, scores, seeding, torch_save)
+from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, best_threshold,  # noqa: E402
+                   bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device,
+                   predict_probs, read_checkpoint, run_main, scores, seeding, torch_save, tta_text, tta_views)
 
 EPOCHS = 120
 LOSSES = {"dicebce": DiceBCELoss, "dice": DiceLoss, "bce": BCELoss}
@@ -91,9 +91,8 @@ def get_args(argv=None):
                         "selected on them either way: the model is the last epoch's and the "
                         "threshold is chosen on all training images. --no-train-on-val holds them "
                         "out, for an unbiased curve")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="choose the threshold for the mean prediction over the four flips of each "
-                        "image, and make that test.py's and predict.py's default")
+    add_tta_args(p, 4, "choose the threshold for the mean prediction over N flips of each image "
+                       "(1, 2 or 4; see test.py --tta), and make that test.py's and predict.py's default")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -207,7 +206,7 @@ def validate(model, dataset, loss_fn, device):
 @torch.no_grad()
 def choose_threshold(model, dataset, tta, bf16):
     """F1-maximising threshold over the FOV pixels of the whole images of `dataset`, with
-    the probabilities test.py and predict.py make (four flips when tta, bf16 when asked).
+    the probabilities test.py and predict.py make (`tta` flips, bf16 when asked).
 
     All training images rather than four held-out ones: per-image optima spread from ~0.1
     to ~0.7, and one pathological image (DRIVE 34) drags a four-image pool far below the
@@ -265,7 +264,7 @@ def main(argv=None):
         ckpt = read_checkpoint(path, device, ("model", "train_model", "optimizer", "scheduler", "config"))
         cfg = dict(ckpt["config"], epochs=args.epochs or ckpt["config"]["epochs"], device=args.device,
                    max_steps=args.max_steps, out=args.out)
-        cfg.setdefault("tta", args.tta)  # runs begun before these options existed
+        cfg["tta"] = tta_views(cfg.get("tta", args.tta))  # runs begun before these options existed
         cfg.setdefault("train_on_val", False)
         cfg.setdefault("degrade", 0.0)
         cfg.setdefault("soft_labels", False)
@@ -324,7 +323,7 @@ def main(argv=None):
         state = {"model": scored.state_dict(), "train_model": model.state_dict(),
                  "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                 "best_f1": best, "threshold": threshold, "tta": False, "val_f1": val_f1_best,
+                 "best_f1": best, "threshold": threshold, "tta": 1, "val_f1": val_f1_best,
                  "config": cfg, "history": history}
         torch_save(state, os.path.join(cfg["out"], "last.pt"))
         write_log(cfg["out"], history, cfg["loss"],
@@ -367,7 +366,7 @@ def finish(scored, cfg, device):
     print(f"last epoch {state['epoch']}: val F1 {history[-1]['val_f1_best']:.4f} (best epoch "
           f"{max(history, key=lambda r: r['val_f1_best'])['epoch']}: {state['best_f1']:.4f}); "
           f"threshold {threshold:.3f} on all {len(full)} training images"
-          f"{' with flip TTA' if cfg['tta'] else ''} (F1 there {f1:.4f})")
+          f"{tta_text(cfg['tta'])} (F1 there {f1:.4f})")
     print(f"wrote {cfg['out']}/model.pt (final weights and threshold, for test.py and predict.py), "
           "last.pt (for --resume), log.csv, curves.png")
 

@@ -215,7 +215,8 @@ def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf1
     """Vessel probabilities for one image.
 
     image: float tensor (C, H, W) in [0, 1] on the model's device.
-    tta: average over the four flips of the image (identity, horizontal, vertical, both).
+    tta: how many flips of the image to average: 1 (none), 2 (identity, horizontal) or 4
+    (and vertical, both); True and False, as older checkpoints store it, mean 4 and 1.
     size: (W, H) the model was trained at when data was resized (dataset.py --resize);
     the image is resized to it and the probabilities back to (H, W).
     bf16: run the network in bfloat16 autocast (about 2x faster where native, the same
@@ -279,28 +280,52 @@ def grow_span(lo, hi, n, multiple):
 
 
 FLIPS = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both (= rotation by 180)
+TTA_VIEWS = (1, 2, 4)  # flips averaged: the first 1, 2 or all 4 of FLIPS
+
+
+def tta_views(tta):
+    """The number of flips to average, 1, 2 or 4, from an int or a bool (older checkpoints: True
+    meant the four flips). bool is tested first because True == 1 in Python."""
+    views = (4 if tta else 1) if isinstance(tta, bool) else tta
+    if views not in TTA_VIEWS:
+        raise ValueError(f"tta must be one of {TTA_VIEWS} (or a bool), got {tta!r}")
+    return views
 
 
 def _predict_whole(model, x, tta, bf16):
     """x: (N,C,H,W) -> probabilities (N,1,H,W); pads to model.multiple and crops back."""
     xp, (h, w) = pad_to_multiple(x, model.multiple)
     xp = xp.contiguous(memory_format=torch.channels_last)
+    views = FLIPS[:tta_views(tta)]
     probs = 0
     # one view at a time: on CPU a batch of 4 views runs slower per view than 4 batches of 1
-    for dims in FLIPS if tta else FLIPS[:1]:
+    for dims in views:
         view = xp.flip(dims) if dims else xp
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(view)  # (N,1,H',W')
         p = torch.sigmoid(logits.float())
         probs = probs + (p.flip(dims) if dims else p)
-    return (probs / (len(FLIPS) if tta else 1))[..., :h, :w]
+    return (probs / len(views))[..., :h, :w]
+
+
+def tta_text(tta):
+    """', mean of N flips' for a report line ('' for one view)."""
+    views = tta_views(tta)
+    return f", mean of {views} flips" if views > 1 else ""
+
+
+def add_tta_args(parser, default, help):
+    """--tta [N] (N flips averaged, 1, 2 or 4; bare --tta is 4) and --no-tta (the same as --tta 1)."""
+    parser.add_argument("--tta", type=int, nargs="?", const=4, choices=TTA_VIEWS, default=default,
+                        metavar="N", help=help)
+    parser.add_argument("--no-tta", dest="tta", action="store_const", const=1, help="the same as --tta 1")
 
 
 def add_inference_args(parser):
     """--tta, --device and --precision, shared by test.py and predict.py."""
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="average predictions over the four flips of each image (default: as the "
-                             "checkpoint's threshold was chosen, see train.py --tta)")
+    add_tta_args(parser, None, "average the predictions for N flips of each image: 1 (none), 2 (and the "
+                               "left-right mirror) or 4 (and the upside-down ones); bare --tta is 4 "
+                               "(default: as the checkpoint's threshold was chosen, see train.py --tta)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="network arithmetic: auto is bf16 where the device runs it natively (about "
@@ -309,10 +334,10 @@ def add_inference_args(parser):
 
 
 def inference_options(args, ckpt, device):
-    """(tta, bf16) for test.py and predict.py. TTA defaults to what the checkpoint's threshold
-    was chosen with (a threshold fits the probabilities it was chosen on); --precision auto
-    runs bf16 where the device has it natively."""
-    tta = ckpt.get("tta", False) if args.tta is None else args.tta
+    """(tta, bf16) for test.py and predict.py, tta the number of flips averaged. It defaults
+    to what the checkpoint's threshold was chosen with (a threshold fits the probabilities it
+    was chosen on); --precision auto runs bf16 where the device has it natively."""
+    tta = tta_views(ckpt.get("tta", 1) if args.tta is None else args.tta)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_native(device))
     return tta, bf16
 

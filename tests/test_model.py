@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import S2DUNet, UNet, WNet, count_parameters, fold_batchnorm, pad_to_multiple
-from utils import fov_box, grow_span, predict_probs
+from utils import fov_box, grow_span, predict_probs, tta_views
 
 
 def test_reference_shape_512():
@@ -43,6 +43,36 @@ def test_padded_prediction_matches_input_size(h, w):
     probs = predict_probs(UNet(base=2).eval(), torch.rand(3, h, w), tta=True)
     assert probs.shape == (h, w)
     assert 0 <= probs.min() and probs.max() <= 1
+
+
+def test_tta_views_known_answers():
+    """Older checkpoints store a bool (True: the four flips); True == 1 must not mean one view."""
+    assert [tta_views(v) for v in (True, False, 1, 2, 4)] == [4, 1, 1, 2, 4]
+    with pytest.raises(ValueError, match="tta must be one of"):
+        tta_views(3)
+
+
+class _Directional(torch.nn.Module):
+    """A 'network' that sees direction: each pixel less its left and upper neighbours (wrapping)."""
+    multiple = 1
+
+    def forward(self, x):
+        return 2 * x[:, :1] - x[:, :1].roll(1, dims=3) - 0.5 * x[:, :1].roll(1, dims=2)
+
+
+def test_tta_views_are_the_first_flips():
+    """tta=2 averages the image and its left-right mirror; 4 adds the two upside-down flips."""
+    x, net = torch.rand(3, 8, 12), _Directional()
+
+    def view(dims):  # the probabilities of one flipped view, flipped back: (H, W)
+        if not dims:
+            return torch.sigmoid(net(x[None]))[0, 0]
+        return torch.sigmoid(net(x[None].flip(dims))).flip(dims)[0, 0]
+    expected = {1: view(()), 2: (view(()) + view((3,))) / 2,
+                4: (view(()) + view((3,)) + view((2,)) + view((2, 3))) / 4}
+    for n, probs in expected.items():
+        assert torch.allclose(predict_probs(net, x, tta=n), probs, atol=1e-6), n
+    assert not torch.allclose(expected[1], expected[2]) and not torch.allclose(expected[2], expected[4])
 
 
 def test_tiled_prediction_matches_whole():

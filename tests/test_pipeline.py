@@ -27,7 +27,7 @@ def test_training_outputs_and_loss_goes_down(trained):
     # the final threshold, chosen on all training images with TTA, is the one model.pt carries
     final = torch.load(run / "model.pt", weights_only=False)
     assert 0 < final["threshold"] < 1 and final["threshold"] == ckpt["threshold"]
-    assert final["tta"] is True and ckpt["tta"] is True
+    assert final["tta"] == 4 and ckpt["tta"] == 4
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def tested(trained):
 def test_test_outputs(tested):
     res, stdout = tested
     m = json.load(open(res / "metrics.json"))
-    assert m["n_images"] == 3 and m["tta"] and m["batch_size"] == 1 and m["fps"] > 0
+    assert m["n_images"] == 3 and m["tta"] == 4 and m["batch_size"] == 1 and m["fps"] > 0
     for k in ("f1", "jaccard", "recall", "precision", "specificity", "accuracy", "auc"):
         assert 0 <= m["pooled"][k] <= 1 and k in m["per_image_mean"]
     assert m["pooled"]["auc"] > 0.5  # a few steps already beat chance
@@ -102,13 +102,13 @@ def test_max_steps_smoke_other_options(synthetic, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "reached --max-steps 2" in r.stdout and "trained on too" not in r.stdout
     ckpt = torch.load(tmp_path / "s" / "last.pt", weights_only=False)
-    assert ckpt["step"] == 2 and ckpt["config"]["in_ch"] == 1 and ckpt["tta"] is False
+    assert ckpt["step"] == 2 and ckpt["config"]["in_ch"] == 1 and ckpt["tta"] == 1
     assert ckpt["config"]["soft_labels"] is True
     r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
                    "--out", tmp_path / "res", "--precision", "fp32", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     m = json.load(open(tmp_path / "res" / "metrics.json"))
-    assert m["n_images"] == 3 and m["tta"] is False and m["precision"] == "fp32"
+    assert m["n_images"] == 3 and m["tta"] == 1 and m["precision"] == "fp32"
 
 
 def test_s2d_trains_and_predicts(synthetic, tmp_path):
