@@ -1,9 +1,11 @@
+import argparse
+
 import numpy as np
 import pytest
 import torch
 
 from model import S2DUNet, UNet, WNet, count_parameters, fold_batchnorm, pad_to_multiple
-from utils import fov_box, grow_span, predict_probs, tta_views
+from utils import add_tta_args, fov_box, grow_span, predict_probs, tta_views
 
 
 def test_reference_shape_512():
@@ -73,6 +75,16 @@ def test_tta_views_are_the_first_flips():
     for n, probs in expected.items():
         assert torch.allclose(predict_probs(net, x, tta=n), probs, atol=1e-6), n
     assert not torch.allclose(expected[1], expected[2]) and not torch.allclose(expected[2], expected[4])
+
+
+def test_tta_flags():
+    """--tta N takes 1, 2 or 4; bare --tta is 4; --no-tta is 1; absent keeps the default."""
+    p = argparse.ArgumentParser()
+    add_tta_args(p, None, "flips")
+    parsed = [p.parse_args(a).tta for a in ([], ["--tta"], ["--tta", "2"], ["--no-tta"], ["--tta", "1"])]
+    assert parsed == [None, 4, 2, 1, 1]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--tta", "3"])
 
 
 def test_tiled_prediction_matches_whole():
