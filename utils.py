@@ -211,7 +211,7 @@ def build_model(cfg):
 
 
 @torch.no_grad()
-def predict_probs(model, image, tta=False, size=None, tile=1024, overlap=64, bf16=False, box=None):
+def predict_probs(model, image, tta=1, size=None, tile=1024, overlap=64, bf16=False, box=None):
     """Vessel probabilities for one image.
 
     image: float tensor (C, H, W) in [0, 1] on the model's device.
@@ -292,6 +292,12 @@ def tta_views(tta):
     return views
 
 
+def tta_text(tta):
+    """', mean of N flips' for a report line ('' for one view)."""
+    views = tta_views(tta)
+    return f", mean of {views} flips" if views > 1 else ""
+
+
 def _predict_whole(model, x, tta, bf16):
     """x: (N,C,H,W) -> probabilities (N,1,H,W); pads to model.multiple and crops back."""
     xp, (h, w) = pad_to_multiple(x, model.multiple)
@@ -306,12 +312,6 @@ def _predict_whole(model, x, tta, bf16):
         p = torch.sigmoid(logits.float())
         probs = probs + (p.flip(dims) if dims else p)
     return (probs / len(views))[..., :h, :w]
-
-
-def tta_text(tta):
-    """', mean of N flips' for a report line ('' for one view)."""
-    views = tta_views(tta)
-    return f", mean of {views} flips" if views > 1 else ""
 
 
 def add_tta_args(parser, default, help):
