@@ -60,13 +60,54 @@ def train_transform(crop, channels=3, soft=False):
 def degrade_transform():
     """What other cameras and files do to a photograph, applied to the raw RGB image before
     contrast normalisation (which amplifies such artefacts, as it does in inference):
-    JPEG compression, defocus blur, or a low resolution scaled up."""
+    JPEG compression, defocus blur, a low resolution scaled up, or sensor noise."""
     return A.OneOf([
         A.ImageCompression(quality_range=(30, 95)),
         A.GaussianBlur(sigma_limit=(0.3, 1.5)),
         A.Downscale(scale_range=(0.5, 0.9),
                     interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}),
+        A.GaussNoise(std_range=(0.01, 0.04), p=1.0),  # std 2.5-10 grey levels
     ], p=1.0)
+
+
+def _jpeg(rgb, quality):
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1]
+
+
+def _gamma(rgb, gamma):
+    return (255 * (rgb / 255.0) ** gamma).round().astype(np.uint8)
+
+
+def _gain(rgb, gains):
+    return np.clip(rgb * np.asarray(gains, np.float64), 0, 255).round().astype(np.uint8)
+
+
+def _lowres(rgb, factor):
+    h, w = rgb.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _noise(rgb, sigma, seed):
+    noisy = rgb + np.random.default_rng(seed).normal(0, sigma, rgb.shape)
+    return np.clip(noisy, 0, 255).round().astype(np.uint8)
+
+
+# Fixed, reproducible stand-ins for other cameras and files (test.py --corrupt): each maps a uint8
+# RGB photograph (H,W,3) and a seed (used by the noise alone) to a photograph of the same size.
+CORRUPTIONS = {
+    "gamma0.6": lambda rgb, seed: _gamma(rgb, 0.6),  # overexposed
+    "gamma1.6": lambda rgb, seed: _gamma(rgb, 1.6),  # underexposed
+    "dim0.6": lambda rgb, seed: _gain(rgb, (0.6, 0.6, 0.6)),
+    "cast": lambda rgb, seed: _gain(rgb, (1.25, 1.0, 0.7)),  # warmer white balance
+    "jpeg40": lambda rgb, seed: _jpeg(rgb, 40),
+    "blur1": lambda rgb, seed: cv2.GaussianBlur(rgb, (0, 0), 1.0),  # defocus
+    "lowres0.6": lambda rgb, seed: _lowres(rgb, 0.6),  # a 0.6x sensor, scaled back up
+    "noise6": lambda rgb, seed: _noise(rgb, 6, seed),  # Gaussian, std in grey levels
+    "noise12": lambda rgb, seed: _noise(rgb, 12, seed),
+}
 
 
 def read_split_meta(data_dir):

@@ -2,6 +2,7 @@
 
     python test.py                                   # runs/unet/model.pt, else the shipped weights
     python test.py --checkpoint weights/drive_unet.pt --no-tta
+    python test.py --corrupt jpeg40 --out results_jpeg    # robustness: degraded test photographs
 
 Writes to --out: metrics.json (pooled over all test pixels, per-image mean/std, the
 second annotator, FPS), per_image.csv, summary.md (a Markdown table), pred/ID.png (binary masks), prob/ID.png
@@ -23,7 +24,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from preprocess import normalize_image, read_split  # noqa: E402
+from preprocess import CORRUPTIONS, normalize_image, read_split  # noqa: E402
 from utils import (SHIPPED_WEIGHTS, HelpFormatter, Timer, add_inference_args, atomic_dir,  # noqa: E402
                    atomic_path, confusion, encode_probs, fov_box, get_device, inference_options, load_model,
                    predict_probs, read_image, read_mask, run_main, save_png, scores, to_tensor_image,
@@ -49,6 +50,12 @@ def get_args(argv=None):
     p.add_argument("--threshold", type=float, default=None,
                    help="probability threshold (default: the one chosen on the training images, stored in "
                         "the checkpoint)")
+    p.add_argument("--corrupt", choices=tuple(CORRUPTIONS), default=None,
+                   help="change every test photograph before it is normalised, as another camera or file "
+                        "might: gamma 0.6 or 1.6, brightness x0.6, a colour cast (R x1.25, B x0.7), JPEG "
+                        "quality 40, Gaussian blur sigma 1, a 0.6x resolution scaled back up, or Gaussian "
+                        "noise of std 6 or 12 grey levels (seeded); truth, FOV and threshold are unchanged "
+                        "(default: none)")
     add_inference_args(p)
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or default_checkpoint()
@@ -129,6 +136,8 @@ def evaluate(model, ckpt, args, device, out):
     counts, rows, all_truth, all_probs, seconds = np.zeros(4, np.int64), [], [], [], 0.0
     for k, sid in enumerate(tqdm(ids, desc="testing", unit="img")):
         image = read_image(os.path.join(root, "images", f"{sid}.png"), "RGB")
+        if args.corrupt:
+            image = CORRUPTIONS[args.corrupt](image, k)  # (H,W,3) uint8, seeded by the image's index
         truth = read_mask(os.path.join(root, "masks", f"{sid}.png"))
         fov = read_mask(os.path.join(root, "fov", f"{sid}.png"))
         x = to_tensor_image(normalize_image(image, cfg["norm"])).to(device)
@@ -157,8 +166,8 @@ def evaluate(model, ckpt, args, device, out):
     human = second_annotator(root, ids)
     plot_curves(os.path.join(out, "roc_pr.png"), all_truth, all_probs, pooled, human)
     return {"checkpoint": args.checkpoint, "split": args.split, "n_images": len(ids),
-            "threshold": threshold, "tta": tta, "precision": "bf16" if bf16 else "fp32",
-            "pooled": pooled,
+            "corrupt": args.corrupt, "threshold": threshold, "tta": tta,
+            "precision": "bf16" if bf16 else "fp32", "pooled": pooled,
             "per_image_mean": mean, "per_image_std": std, "second_annotator": human,
             "device": str(device), "batch_size": 1, "seconds_per_image": seconds / len(ids),
             "fps": len(ids) / seconds}, rows
@@ -182,7 +191,8 @@ def markdown_table(m):
     rows = [("model, pooled", m["pooled"]), ("model, per-image mean", m["per_image_mean"])]
     if m["second_annotator"]:
         rows.append(("2nd human annotator", m["second_annotator"]))
-    lines = [f"| {m['split']} split, {m['n_images']} images | " + " | ".join(cols) + " |",
+    corrupt = f", {m['corrupt']}-corrupted" if m.get("corrupt") else ""
+    lines = [f"| {m['split']} split, {m['n_images']} images{corrupt} | " + " | ".join(cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{d[k]:.4f}" if k in d else "–" for k in cols) + " |"
               for name, d in rows]
@@ -200,7 +210,8 @@ def report(m):
     lines.append(report_line("  per-image std", m["per_image_std"]))
     if m["second_annotator"]:
         lines.append(report_line("2nd human annotator", m["second_annotator"]))
-    lines.append(f"{m['n_images']} images, threshold {m['threshold']:.3f}{tta_text(m['tta'])}; "
+    corrupt = f" ({m['corrupt']}-corrupted)" if m.get("corrupt") else ""
+    lines.append(f"{m['n_images']} images{corrupt}, threshold {m['threshold']:.3f}{tta_text(m['tta'])}; "
                  f"{m['seconds_per_image']:.3f} s/image ({m['fps']:.1f} FPS, batch 1, {m['device']}, "
                  f"{m['precision']})")
     return "\n".join(lines)

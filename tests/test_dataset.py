@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import REAL_DRIVE
-from preprocess import DriveDataset
+from preprocess import CORRUPTIONS, DriveDataset
 
 
 def check_prepared(data, n_train, n_val, n_test, size):
@@ -136,3 +136,29 @@ def test_real_drive(tmp_path):
     image, mask, fov, _ = ds[0]
     assert image.shape == (3, 584, 565)
     assert 0.05 < mask.mean() < 0.2 and 0.6 < fov.mean() < 0.8
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corruptions_keep_shape_and_repeat(name):
+    """test.py --corrupt: each corruption returns a uint8 photograph of the same shape, changed,
+    and the same one for the same seed (noise is drawn from it)."""
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((40, 48, 3)) * 200 + 30).astype(np.uint8)
+    out = CORRUPTIONS[name](rgb, 3)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, rgb)
+    assert np.array_equal(out, CORRUPTIONS[name](rgb, 3))
+
+
+def test_corruption_levels():
+    """Known answers: gamma 1.6 darkens mid-grey 128 to 85; gains scale the channels; noise has
+    the std named; blur and low resolution flatten a checkerboard."""
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    assert CORRUPTIONS["gamma1.6"](grey, 0)[0, 0, 0] == round(255 * (128 / 255) ** 1.6) == 85
+    assert tuple(CORRUPTIONS["cast"](grey, 0)[0, 0]) == (160, 128, 90)
+    assert tuple(CORRUPTIONS["dim0.6"](grey, 0)[0, 0]) == (77, 77, 77)
+    for name, std in (("noise6", 6), ("noise12", 12)):
+        assert abs(float(CORRUPTIONS[name](grey, 0).astype(float).std()) - std) < 0.3
+    board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, axis=2)
+    for name in ("blur1", "lowres0.6"):
+        assert CORRUPTIONS[name](board, 0).std() < 0.3 * board.std(), name

@@ -131,6 +131,22 @@ def test_s2d_trains_and_predicts(synthetic, tmp_path):
     assert (tmp_path / "pred" / f"{image.stem}_mask.png").is_file()
 
 
+def test_corrupt_scores_degraded_photographs(tested, trained, tmp_path):
+    """test.py --corrupt noise12: the photographs (first panel of side/) are degraded, the truth
+    and the FOV are not, and the run is labelled as corrupted."""
+    clean, _ = tested
+    r = run_script("test.py", "--corrupt", "noise12", "--no-tta", "--out", tmp_path / "res", cwd=trained)
+    assert r.returncode == 0, r.stderr
+    assert "noise12-corrupted" in r.stdout
+    m = json.load(open(tmp_path / "res" / "metrics.json"))
+    assert m["corrupt"] == "noise12" and m["tta"] == 1 and m["n_images"] == 3
+    assert "noise12-corrupted" in open(tmp_path / "res" / "summary.md").read()
+    noisy, plain = (np.array(Image.open(d / "side" / "01.png")).astype(int)
+                    for d in (tmp_path / "res", clean))
+    assert np.abs(noisy[:, :96] - plain[:, :96]).mean() > 3  # the photograph panel
+    assert np.array_equal(noisy[:, 106:202], plain[:, 106:202])  # the truth panel
+
+
 @pytest.mark.parametrize("script", ["dataset.py", "train.py", "test.py"])
 def test_help(script, tmp_path):
     r = run_script(script, "--help", cwd=tmp_path)
