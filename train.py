@@ -66,9 +66,9 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=float, default=2, help="warm-up epochs for --sched cosine")
     p.add_argument("--degrade", type=float, default=0.0,
                    help="fraction of training crops cut from a photograph first JPEG-compressed, "
-                        "blurred or downscaled, as other cameras deliver them: 0.3 makes the model "
-                        "markedly more robust to such photographs for ~0.004 less F1 on DRIVE's "
-                        "validation images (README, Other cameras)")
+                        "blurred, downscaled or made noisy, as other cameras deliver them: 0.3 makes "
+                        "the model markedly more robust to such photographs for ~0.004 less F1 on "
+                        "DRIVE's validation images (README, Other cameras)")
     p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=False,
                    help="resample the vessel and FOV masks of rotated or scaled crops bilinearly "
                         "(soft targets at vessel edges) instead of to the nearest pixel; held out "
