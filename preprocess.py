@@ -16,16 +16,49 @@ from utils import UserError, read_image, read_mask, to_tensor_image  # noqa: E40
 NORMS = {"rgb": 3, "clahe": 3, "green": 1}  # normalisation -> channels it feeds the network
 
 
-def normalize_image(rgb, norm):
+NOISE_FLOOR = 2.0  # grey levels; DRIVE's photographs estimate 1.0-1.35 (noise_sigma) and pass unchanged
+# Immerkaer's 3x3 kernel: the difference of two Laplacians, zero on any locally linear image
+_NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+
+
+def noise_sigma(rgb):
+    """Std, in grey levels, of the white noise in a uint8 (H,W,3) photograph (Immerkaer, 1996):
+    for noise of std s the kernel's response has mean |r| = 6 s sqrt(2/pi), and smooth image
+    content gives ~0. Green channel, over the fundus (some channel above 20, eroded 9x9 so
+    the disc's rim stays out); 0.0 when the image has no fundus."""
+    green = np.ascontiguousarray(rgb[..., 1], dtype=np.float32)
+    response = np.abs(cv2.filter2D(green, -1, _NOISE_KERNEL, borderType=cv2.BORDER_REFLECT))
+    fundus = cv2.erode((rgb.max(axis=-1) > 20).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    if not fundus.any():
+        return 0.0
+    return float(np.sqrt(np.pi / 2) * response[fundus].mean() / 6)
+
+
+def denoise_photo(rgb):
+    """A photograph whose noise_sigma is at least NOISE_FLOOR, smoothed by a bilateral filter
+    (5x5, spatial std 2 px) that only averages colours within 3 noise stds, so vessel edges
+    (tens of grey levels) stay sharp; others are returned unchanged. Without it, contrast
+    normalisation amplifies sensor noise into vessel-like texture: the shipped weights fall
+    from F1 0.83 to 0.39 at noise std 12 (README, Other cameras)."""
+    sigma = noise_sigma(rgb)
+    if sigma < NOISE_FLOOR:
+        return rgb
+    return cv2.bilateralFilter(np.ascontiguousarray(rgb), 5, 3 * sigma, 2)
+
+
+def normalize_image(rgb, norm, denoise=True):
     """Contrast normalisation applied before the network, in training and inference.
 
     rgb: uint8 (H,W,3) -> uint8 (H,W,NORMS[norm]). 'clahe' equalises local contrast
     of the lightness channel, which evens out illumination and camera differences while
     keeping colour; 'green' keeps only the green channel (where vessels contrast most),
-    contrast-equalised the same way.
+    contrast-equalised the same way. With `denoise`, a noisy photograph is smoothed first
+    (denoise_photo).
     """
     if norm not in NORMS:
         raise ValueError(f"unknown normalisation {norm!r}; expected one of {tuple(NORMS)}")
+    if denoise:
+        rgb = denoise_photo(rgb)
     if norm == "rgb":
         return rgb
     clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))

@@ -140,7 +140,7 @@ def evaluate(model, ckpt, args, device, out):
             image = CORRUPTIONS[args.corrupt](image, k)  # (H,W,3) uint8, seeded by the image's index
         truth = read_mask(os.path.join(root, "masks", f"{sid}.png"))
         fov = read_mask(os.path.join(root, "fov", f"{sid}.png"))
-        x = to_tensor_image(normalize_image(image, cfg["norm"])).to(device)
+        x = to_tensor_image(normalize_image(image, cfg["norm"], args.denoise)).to(device)
         box = fov_box(fov)  # only the FOV's surroundings go through the network
         if k == 0:  # warm-up: first calls allocate and pick kernels
             for _ in range(2):
@@ -166,7 +166,7 @@ def evaluate(model, ckpt, args, device, out):
     human = second_annotator(root, ids)
     plot_curves(os.path.join(out, "roc_pr.png"), all_truth, all_probs, pooled, human)
     return {"checkpoint": args.checkpoint, "split": args.split, "n_images": len(ids),
-            "corrupt": args.corrupt, "threshold": threshold, "tta": tta,
+            "corrupt": args.corrupt, "denoise": args.denoise, "threshold": threshold, "tta": tta,
             "precision": "bf16" if bf16 else "fp32", "pooled": pooled,
             "per_image_mean": mean, "per_image_std": std, "second_annotator": human,
             "device": str(device), "batch_size": 1, "seconds_per_image": seconds / len(ids),
@@ -192,6 +192,7 @@ def markdown_table(m):
     if m["second_annotator"]:
         rows.append(("2nd human annotator", m["second_annotator"]))
     corrupt = f", {m['corrupt']}-corrupted" if m.get("corrupt") else ""
+    corrupt += ", not denoised" if m.get("denoise") is False else ""
     lines = [f"| {m['split']} split, {m['n_images']} images{corrupt} | " + " | ".join(cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{d[k]:.4f}" if k in d else "–" for k in cols) + " |"
@@ -211,6 +212,7 @@ def report(m):
     if m["second_annotator"]:
         lines.append(report_line("2nd human annotator", m["second_annotator"]))
     corrupt = f" ({m['corrupt']}-corrupted)" if m.get("corrupt") else ""
+    corrupt += " (not denoised)" if m.get("denoise") is False else ""
     lines.append(f"{m['n_images']} images{corrupt}, threshold {m['threshold']:.3f}{tta_text(m['tta'])}; "
                  f"{m['seconds_per_image']:.3f} s/image ({m['fps']:.1f} FPS, batch 1, {m['device']}, "
                  f"{m['precision']})")

@@ -1,3 +1,4 @@
+import glob
 import json
 import os
 
@@ -7,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import REAL_DRIVE
-from preprocess import CORRUPTIONS, DriveDataset
+from preprocess import CORRUPTIONS, NOISE_FLOOR, DriveDataset, denoise_photo, noise_sigma, normalize_image
 
 
 def check_prepared(data, n_train, n_val, n_test, size):
@@ -162,3 +163,50 @@ def test_corruption_levels():
     board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, axis=2)
     for name in ("blur1", "lowres0.6"):
         assert CORRUPTIONS[name](board, 0).std() < 0.3 * board.std(), name
+
+
+def ramp_photo():
+    """A smooth fundus-like colour ramp (120,130,3) float, no edges."""
+    yy, xx = np.mgrid[0:120, 0:130]
+    return np.stack([120 + 0.5 * xx, 60 + 0.3 * yy, 30 + 0.1 * xx], axis=-1)
+
+
+def test_noise_sigma_known_answers():
+    """Immerkaer's estimate: the std of added Gaussian noise, ~0 on smooth content, and dark
+    pixels (outside a fundus) left out."""
+    ramp = ramp_photo()
+    assert noise_sigma(ramp.round().astype(np.uint8)) < 0.5
+    rng = np.random.default_rng(0)
+    for std in (3, 8):
+        noisy = np.clip(ramp + rng.normal(0, std, ramp.shape), 0, 255).round().astype(np.uint8)
+        assert abs(noise_sigma(noisy) - std) < 0.05 * std, std
+    framed = np.zeros((160, 170, 3), np.uint8)
+    framed[20:140, 20:150] = np.clip(ramp + rng.normal(0, 5, ramp.shape), 0, 255).round()
+    assert abs(noise_sigma(framed) - 5) < 0.25  # the black frame and the rim do not count
+    assert noise_sigma(np.zeros((30, 30, 3), np.uint8)) == 0.0
+
+
+def test_denoise_photo_smooths_noise_keeps_edges_and_clean_photographs():
+    """Noise std 8 on two flat halves (grey 70 | 170): the filter removes most of it and keeps
+    the 100-level edge within a pixel; a photograph under NOISE_FLOOR comes back as it was."""
+    clean = np.full((80, 80, 3), 70.0)
+    clean[:, 40:] = 170
+    noisy = clean + np.random.default_rng(1).normal(0, 8, clean.shape)
+    noisy = np.clip(noisy, 0, 255).round().astype(np.uint8)
+    out = denoise_photo(noisy).astype(float)
+    assert out[:, 5:35].std() < 0.5 * noisy[:, 5:35].astype(float).std()
+    assert out[:, :39].mean() < 75 and out[:, 41:].mean() > 165  # no blur across the edge
+    smooth = ramp_photo().round().astype(np.uint8)
+    assert noise_sigma(smooth) < NOISE_FLOOR and denoise_photo(smooth) is smooth
+    assert not np.array_equal(normalize_image(noisy, "clahe"), normalize_image(noisy, "clahe", denoise=False))
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_DRIVE), reason="DRIVE not beside the checkout")
+def test_drive_photographs_are_not_denoised():
+    """All 40 DRIVE photographs estimate under NOISE_FLOOR, so denoising changes nothing there:
+    not the training of the shipped weights, not their test scores."""
+    from utils import read_image
+    paths = sorted(glob.glob(os.path.join(REAL_DRIVE, "*", "images", "*.tif")))
+    assert len(paths) == 40
+    sigmas = [noise_sigma(read_image(path, "RGB")) for path in paths]
+    assert 0.3 < min(sigmas) and max(sigmas) < NOISE_FLOOR

@@ -145,6 +145,16 @@ def test_corrupt_scores_degraded_photographs(tested, trained, tmp_path):
                     for d in (tmp_path / "res", clean))
     assert np.abs(noisy[:, :96] - plain[:, :96]).mean() > 3  # the photograph panel
     assert np.array_equal(noisy[:, 106:202], plain[:, 106:202])  # the truth panel
+    assert m["denoise"] is True
+    # the synthetic photographs are noisy (std ~4): without the denoising the maps change
+    r = run_script("test.py", "--corrupt", "noise12", "--no-tta", "--no-denoise", "--out", tmp_path / "raw",
+                   cwd=trained)
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(tmp_path / "raw" / "metrics.json"))["denoise"] is False
+    assert "not denoised" in r.stdout
+    raw, smoothed = (np.array(Image.open(d / "prob" / "01.png")).astype(int)
+                     for d in (tmp_path / "raw", tmp_path / "res"))
+    assert np.abs(raw - smoothed).mean() > 0.3
 
 
 @pytest.mark.parametrize("script", ["dataset.py", "train.py", "test.py"])

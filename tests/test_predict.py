@@ -5,6 +5,7 @@ import csv
 import glob
 import os
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,6 +13,7 @@ from PIL import Image
 from conftest import REAL_DRIVE, run_script
 from dataset import synthetic_fundus
 from predict import estimate_fov, output_ids, rescale_factor
+from preprocess import NOISE_FLOOR, noise_sigma
 from utils import read_image, read_mask, rle_decode
 
 TRAINED_FOV = 90  # FOV diameter of the 96x100 synthetic images the `trained` model saw
@@ -151,3 +153,24 @@ def test_predict_tiled(trained, tmp_path):
                    "--checkpoint", checkpoint(trained), "--out", out, "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     check_outputs(out, "wide", shape)
+
+
+def test_predict_denoises_noisy_photographs_only(trained, tmp_path):
+    """A photograph with noise std 12 gets other maps with --no-denoise; a clean one (noise
+    estimated under the floor) gets the same maps either way."""
+    rgb = synthetic_fundus(np.random.default_rng(10), 96, 100)[0].astype(float)
+    clean = cv2.GaussianBlur(rgb, (0, 0), 1.0).round().astype(np.uint8)  # its std-4 noise smoothed away
+    noisy = np.clip(rgb + np.random.default_rng(0).normal(0, 12, rgb.shape), 0, 255).round().astype(np.uint8)
+    assert noise_sigma(clean) < NOISE_FLOOR < noise_sigma(noisy)
+    for name, image in (("clean", clean), ("noisy", noisy)):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+    probs = {}
+    for flag in ("--denoise", "--no-denoise"):
+        out = tmp_path / flag
+        r = run_script("predict.py", tmp_path / "clean.png", tmp_path / "noisy.png", flag, "--checkpoint",
+                       checkpoint(trained), "--out", out, "--target-fov", TRAINED_FOV, "--device", "cpu",
+                       cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        probs[flag] = {n: np.array(Image.open(out / f"{n}_prob.png")).astype(int) for n in ("clean", "noisy")}
+    assert np.array_equal(probs["--denoise"]["clean"], probs["--no-denoise"]["clean"])
+    assert np.abs(probs["--denoise"]["noisy"] - probs["--no-denoise"]["noisy"]).mean() > 0.3
