@@ -16,7 +16,7 @@ from utils import UserError, read_image, read_mask, to_tensor_image  # noqa: E40
 NORMS = {"rgb": 3, "clahe": 3, "green": 1}  # normalisation -> channels it feeds the network
 
 
-NOISE_FLOOR = 2.0  # grey levels; DRIVE's photographs estimate 1.0-1.35 (noise_sigma) and pass unchanged
+NOISE_FLOOR = 2.0  # grey levels; DRIVE's photographs estimate 0.6-1.35 (noise_sigma) and pass unchanged
 # Immerkaer's 3x3 kernel: the difference of two Laplacians, zero on any locally linear image
 _NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 

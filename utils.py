@@ -335,7 +335,7 @@ def add_inference_args(parser):
                         help="smooth a photograph whose estimated sensor noise is 2 grey levels or "
                              "more before contrast normalisation (amplifying it) and the network, "
                              "as training does (preprocess.denoise_photo); DRIVE's photographs "
-                             "estimate 1.0-1.35 and pass unchanged")
+                             "estimate 0.6-1.35 and pass unchanged")
 
 
 def inference_options(args, ckpt, device):
