@@ -66,7 +66,8 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=float, default=2, help="warm-up epochs for --sched cosine")
     p.add_argument("--degrade", type=float, default=0.0,
                    help="fraction of training crops cut from a photograph first JPEG-compressed, "
-                        "blurred, downscaled or made noisy, as other cameras deliver them: 0.3 makes "
+                        "blurred, downscaled or made noisy (then denoised, as inference would), as "
+                        "other cameras deliver them: 0.3 makes "
                         "the model markedly more robust to such photographs for ~0.004 less F1 on "
                         "DRIVE's validation images (README, Other cameras)")
     p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=False,

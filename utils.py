@@ -333,8 +333,8 @@ def add_inference_args(parser):
                              "else fp32")
     parser.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                         help="smooth a photograph whose estimated sensor noise is 2 grey levels or "
-                             "more before contrast normalisation (amplifying it) and the network, "
-                             "as training does (preprocess.denoise_photo); DRIVE's photographs "
+                             "more, before contrast normalisation would amplify it "
+                             "(preprocess.denoise_photo, as in training); DRIVE's photographs "
                              "estimate 0.6-1.35 and pass unchanged")
 
 
