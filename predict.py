@@ -13,7 +13,8 @@ For each photograph ID (its file stem; PARENT_STEM or a counter when stems repea
 The FOV is the bright disc of the photograph, found automatically (or given with
 --fov). Photographs are rescaled so that the FOV is about --target-fov pixels wide,
 the scale the network was trained at, and the results are mapped back to the
-original size. Unreadable files are reported and skipped; the exit code is then 1.
+original size; a noisy photograph is denoised first, as in training (--no-denoise).
+Unreadable files are reported and skipped; the exit code is then 1.
 """
 import argparse
 import collections
