@@ -26,12 +26,12 @@ def noise_sigma(rgb):
     for noise of std s the kernel's response has mean |r| = 6 s sqrt(2/pi), and smooth image
     content gives ~0. Green channel, over the fundus (some channel above 20, eroded 9x9 so
     the disc's rim stays out); 0.0 when the image has no fundus."""
-    green = np.ascontiguousarray(rgb[..., 1], dtype=np.float32)
-    response = np.abs(cv2.filter2D(green, -1, _NOISE_KERNEL, borderType=cv2.BORDER_REFLECT))
-    fundus = cv2.erode((rgb.max(axis=-1) > 20).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
-    if not fundus.any():
+    r, g, b = cv2.split(np.ascontiguousarray(rgb))
+    response = np.abs(cv2.filter2D(g, cv2.CV_32F, _NOISE_KERNEL, borderType=cv2.BORDER_REFLECT))
+    fundus = cv2.erode((cv2.max(cv2.max(r, g), b) > 20).astype(np.uint8), np.ones((9, 9), np.uint8))
+    if not cv2.countNonZero(fundus):
         return 0.0
-    return float(np.sqrt(np.pi / 2) * response[fundus].mean() / 6)
+    return float(np.sqrt(np.pi / 2) * cv2.mean(response, mask=fundus)[0] / 6)
 
 
 def denoise_photo(rgb):
