@@ -146,7 +146,7 @@ def test_corrupt_scores_degraded_photographs(tested, trained, tmp_path):
     assert np.abs(noisy[:, :96] - plain[:, :96]).mean() > 3  # the photograph panel
     assert np.array_equal(noisy[:, 106:202], plain[:, 106:202])  # the truth panel
     assert m["denoise"] is True
-    # the synthetic photographs are noisy (std ~4): without the denoising the maps change
+    # the noise-12 photographs are denoised by default: without it the probability maps change
     r = run_script("test.py", "--corrupt", "noise12", "--no-tta", "--no-denoise", "--out", tmp_path / "raw",
                    cwd=trained)
     assert r.returncode == 0, r.stderr
