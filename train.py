@@ -36,6 +36,7 @@ from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, b
                    bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device,
                    predict_probs, read_checkpoint, run_main, scores, seeding, torch_save, tta_text, tta_views)
 
+STARTED = time.time()  # --time-budget counts from here: data loading included, imports (~2 s) not
 EPOCHS = 120
 LOSSES = {"dicebce": DiceBCELoss, "dice": DiceLoss, "bce": BCELoss}
 LOG_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_f1", "val_f1_best", "threshold",
@@ -51,6 +52,10 @@ def get_args(argv=None):
                         "predict.py), last.pt (everything, for --resume), log.csv, curves.png")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"epochs to train in all (default: {EPOCHS}; with --resume, the checkpoint's)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MIN",
+                   help="fit the whole command into MIN minutes of this machine: the number of "
+                        "epochs (at most --epochs) is set from the time of the warm-up's epochs, and "
+                        "the cosine schedule spans it (README: what 30 minutes buy on different CPUs)")
     p.add_argument("--batch-size", type=int, default=4, help="crops per optimizer step")
     p.add_argument("--crop", type=int, default=256,
                    help="side of the random training crops (multiple of 16; of 32 for --arch s2d)")
@@ -108,6 +113,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         p.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        p.error(f"--time-budget is in minutes and must be positive, got {args.time_budget}")
     if not 0 <= args.degrade <= 1:
         p.error(f"--degrade is a fraction of the crops, from 0 to 1; got {args.degrade}")
     multiple = ARCHS[args.arch].multiple
@@ -125,12 +132,12 @@ def build(cfg, device, steps_per_epoch):
     ema = AveragedModel(model, avg_fn=ema_update(cfg["ema"]), use_buffers=True) if cfg["ema"] else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if cfg["sched"] == "cosine":
-        total = cfg["epochs"] * steps_per_epoch
         warm = max(1, int(cfg["warmup"] * steps_per_epoch))
 
         def factor(step):  # linear warm-up, then cosine down to 1% of the peak
             if step < warm:
                 return (step + 1) / warm
+            total = cfg["epochs"] * steps_per_epoch  # read now: --time-budget sets it after warm-up
             t = min(1.0, (step - warm) / max(1, total - warm))
             return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -269,6 +276,7 @@ def main(argv=None):
         cfg.setdefault("train_on_val", False)
         cfg.setdefault("degrade", 0.0)
         cfg.setdefault("soft_labels", False)
+        cfg.setdefault("time_budget", None)
     else:
         cfg = dict(vars(args), epochs=args.epochs or EPOCHS)
     seeding(cfg["seed"])
@@ -301,7 +309,8 @@ def main(argv=None):
           f"epochs {start + 1}..{cfg['epochs']}")
 
     run_start, epoch = time.time(), start
-    for epoch in range(start + 1, cfg["epochs"] + 1):
+    while epoch < cfg["epochs"]:  # --time-budget may lower cfg["epochs"] after the warm-up
+        epoch += 1
         t0 = time.time()
         # augmentation and order depend on (seed, epoch) alone, so --resume repeats them exactly
         train_ds.reseed(cfg["seed"] * 1000 + epoch)
@@ -310,7 +319,9 @@ def main(argv=None):
                             generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
         train_loss, step = train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
                                        step, cfg["max_steps"], epoch)
+        t_val = time.time()
         val_loss, val_f1, threshold, val_f1_best = validate(scored, val_ds, loss_fn, device)
+        t_val = time.time() - t_val
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val_loss)
         row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
@@ -318,6 +329,9 @@ def main(argv=None):
                "val_f1": round(val_f1, 5), "val_f1_best": round(val_f1_best, 5),
                "threshold": round(threshold, 4), "seconds": round(time.time() - t0, 1)}
         history.append(row)
+        if cfg["time_budget"] and epoch == budget_epoch(cfg):
+            # before last.pt is written, so that --resume continues with the epochs decided here
+            set_budget_epochs(cfg, epoch, row["seconds"], t_val)
         improved = val_f1_best > best
         best = max(best, val_f1_best)
         # "threshold" is the validation one until the run ends (then: all training images)
@@ -340,6 +354,34 @@ def main(argv=None):
     if epoch > start:
         print(f"trained epochs {start + 1}..{epoch} in {minutes}m {seconds:02d}s (with validation)")
     finish(scored, cfg, device)
+
+
+def budget_epoch(cfg):
+    """The epoch after which --time-budget fixes the number of epochs: the last whole epoch of
+    the warm-up (at most the 2nd), as the cosine that the number shapes begins after it; the
+    1st epoch alone runs slower (first calls of each kernel)."""
+    return max(1, min(2, int(cfg["warmup"])))
+
+
+def epochs_in_budget(budget_s, elapsed_s, done, epoch_s, reserve_s, most):
+    """Epochs in all for a run whose whole command must end within budget_s: `done` epochs
+    after elapsed_s, epoch_s per further epoch, reserve_s at the end (the threshold);
+    at least `done`, at most `most`."""
+    fit = done + int((budget_s - elapsed_s - reserve_s) // epoch_s)
+    return max(done, min(most, fit))
+
+
+def set_budget_epochs(cfg, done, epoch_s, val_s):
+    """Set cfg["epochs"] from the measured epoch time so the run ends within --time-budget."""
+    # the threshold is chosen on 20 whole images with tta flips, validation scores 4 with one
+    reserve = 5 * cfg["tta"] * val_s
+    elapsed = time.time() - STARTED
+    epochs = epochs_in_budget(60 * cfg["time_budget"], elapsed, done, epoch_s, reserve, cfg["epochs"])
+    print(f"time budget {cfg['time_budget']:g} min: {elapsed:.0f} s so far, {epoch_s:.1f} s per epoch "
+          f"-> {epochs} epochs in all (of at most {cfg['epochs']})"
+          # the schedule is the same as --epochs N's when the cosine has not begun yet
+          f"{f'; --epochs {epochs} repeats this run exactly' if cfg['warmup'] >= 1 else ''}", flush=True)
+    cfg["epochs"] = epochs
 
 
 def eta(history, start, epochs):

@@ -172,3 +172,25 @@ def test_eta_counts_only_this_sessions_epochs():
     assert train.eta(history, 1, 4) == ", ~2m left"  # 90 s, to the nearest minute
     assert train.eta([{"epoch": 1, "seconds": 20.0}, {"epoch": 2, "seconds": 40.0}], 0, 3) == ", ~30s left"
     assert train.eta(history, 0, 3) == ""  # the last epoch: nothing left
+
+
+def test_epochs_in_budget():
+    import train
+    # 30 min, 50 s gone after 2 epochs of 20 s, 30 s kept for the threshold: 2 + 1720 // 20 = 88
+    assert train.epochs_in_budget(1800, 50, 2, 20, 30, 120) == 88
+    assert train.epochs_in_budget(1800, 50, 2, 10, 30, 120) == 120  # never more than --epochs
+    assert train.epochs_in_budget(60, 50, 2, 20, 30, 120) == 2  # over budget: stop after the warm-up
+    assert train.budget_epoch({"warmup": 2}) == 2 and train.budget_epoch({"warmup": 0.5}) == 1
+
+
+def test_time_budget_sets_the_epochs(synthetic, tmp_path):
+    """A budget already spent ends the run after the warm-up's epochs, with a model and threshold;
+    the number is stored, so --resume keeps it."""
+    r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--crops-per-image", 2,
+                   "--base", 2, "--epochs", 5, "--time-budget", 0.001, "--no-tta", "--out", tmp_path / "t",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "-> 2 epochs in all (of at most 5); --epochs 2 repeats this run exactly" in r.stdout
+    ckpt = torch.load(tmp_path / "t" / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["epochs"] == 2 and len(ckpt["history"]) == 2
+    assert (tmp_path / "t" / "model.pt").is_file()
