@@ -176,8 +176,8 @@ def test_eta_counts_only_this_sessions_epochs():
 
 def test_epochs_in_budget():
     import train
-    # 30 min, 50 s gone after 2 epochs of 20 s, 30 s kept for the threshold: 2 + 1720 // 20 = 88
-    assert train.epochs_in_budget(1800, 50, 2, 20, 30, 120) == 88
+    # 30 min, 50 s gone after 2 epochs of 20 s, 30 s kept for the threshold: 2 + 1720 // 21 = 83
+    assert train.epochs_in_budget(1800, 50, 2, 20, 30, 120) == 83
     assert train.epochs_in_budget(1800, 50, 2, 10, 30, 120) == 120  # never more than --epochs
     assert train.epochs_in_budget(60, 50, 2, 20, 30, 120) == 2  # over budget: stop after the warm-up
     assert train.budget_epoch({"warmup": 2}) == 2 and train.budget_epoch({"warmup": 0.5}) == 1
