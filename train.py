@@ -104,7 +104,8 @@ def get_args(argv=None):
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="training arithmetic: bf16 mixed precision (about 1.8x faster where the "
                         "device runs it natively), fp32, or auto (bf16 when native, else fp32); "
-                        "validation and inference always run in fp32")
+                        "the per-epoch validation runs in fp32, the final threshold's inference as "
+                        "test.py's default does (bf16 where native)")
     p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CKPT",
                    help="continue from a checkpoint (no value: OUT/last.pt)")
