@@ -73,8 +73,9 @@ def get_args(argv=None):
                    help="fraction of training crops cut from a photograph first JPEG-compressed, "
                         "blurred, downscaled or made noisy (then denoised, as inference would), as "
                         "other cameras deliver them: 0.3 makes "
-                        "the model markedly more robust to such photographs for ~0.004 less F1 on "
-                        "DRIVE's validation images (README, Other cameras)")
+                        "the U-Net markedly more robust to such photographs (held out, 3 seeds: F1 "
+                        "+0.023 under JPEG, blur, low resolution) for 0.003 less F1 on DRIVE's "
+                        "unchanged validation images (README, Other cameras)")
     p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=False,
                    help="resample the vessel and FOV masks of rotated or scaled crops bilinearly "
                         "(soft targets at vessel edges) instead of to the nearest pixel; held out "
