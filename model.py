@@ -60,15 +60,17 @@ class Decoder(nn.Module):
 class UNet(nn.Module):
     """U-Net returning logits (N, out_ch, H, W) for input (N, in_ch, H, W).
 
-    H and W must be multiples of 16; pad with `pad_to_multiple` first.
+    H and W must be multiples of 16; pad with `pad_to_multiple` first. top: the width of the
+    first (finest) level instead of base, the others unchanged (None: base).
     """
     multiple = MULTIPLE
 
-    def __init__(self, in_ch=3, out_ch=1, base=64):
+    def __init__(self, in_ch=3, out_ch=1, base=64, top=None):
         super().__init__()
-        if base < 1:
-            raise ValueError(f"base width must be >= 1, got {base}")
+        if base < 1 or (top is not None and top < 1):
+            raise ValueError(f"widths must be >= 1, got base {base}, top {top}")
         w = [base * 2 ** i for i in range(DEPTH + 1)]  # base=64: 64,128,256,512,1024
+        w[0] = top or base
         self.in_ch = in_ch
         self.encoders = nn.ModuleList(
             Encoder(c_in, c_out) for c_in, c_out in zip([in_ch] + w[:3], w[:4]))
@@ -101,10 +103,10 @@ class S2DUNet(nn.Module):
     H and W must be multiples of 32."""
     multiple = 2 * MULTIPLE
 
-    def __init__(self, in_ch=3, out_ch=1, base=16):
+    def __init__(self, in_ch=3, out_ch=1, base=16, top=None):
         super().__init__()
         self.in_ch = in_ch
-        self.net = UNet(4 * in_ch, 4 * out_ch, base)
+        self.net = UNet(4 * in_ch, 4 * out_ch, base, top)
 
     def forward(self, x):
         check_input(x, self.in_ch, self.multiple)

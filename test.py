@@ -225,7 +225,8 @@ def main(argv=None):
     model, ckpt = load_model(args.checkpoint, device)
     names = {"unet": "U-Net", "s2d": "space-to-depth U-Net", "wnet": "W-Net"}
     arch = names[ckpt["config"].get("arch", "unet")]
-    print(f"checkpoint {args.checkpoint} ({arch} base {ckpt['config']['base']}, "
+    top = f", top {ckpt['config']['top']}" if ckpt["config"].get("top") else ""
+    print(f"checkpoint {args.checkpoint} ({arch} base {ckpt['config']['base']}{top}, "
           f"epoch {ckpt.get('epoch', '?')}, val F1 {ckpt.get('val_f1', float('nan')):.4f})")
     with atomic_dir(args.out) as tmp:
         metrics, rows = evaluate(model, ckpt, args, device, tmp)

@@ -88,6 +88,8 @@ def get_args(argv=None):
                         "to run, crops multiple of 32; README); or two U-Nets in cascade (the "
                         "second refines the first)")
     p.add_argument("--base", type=int, default=16, help="U-Net base width (64 is the paper's)")
+    p.add_argument("--top-width", type=int, default=None, dest="top",
+                   help="width of the finest level instead of --base (unet, s2d) (default: --base)")
     p.add_argument("--norm", choices=tuple(NORMS), default="clahe", help="image contrast normalisation")
     p.add_argument("--ema", type=float, default=0.99,
                    help="decay of the moving average of the weights that is validated and saved "
@@ -119,6 +121,8 @@ def get_args(argv=None):
         p.error(f"--time-budget is in minutes and must be positive, got {args.time_budget}")
     if not 0 <= args.degrade <= 1:
         p.error(f"--degrade is a fraction of the crops, from 0 to 1; got {args.degrade}")
+    if args.top is not None and (args.arch == "wnet" or args.top < 1):
+        p.error(f"--top-width must be positive and is for --arch unet or s2d, got {args.top} for {args.arch}")
     multiple = ARCHS[args.arch].multiple
     if args.crop % multiple or args.crop < multiple:
         p.error(f"--crop must be a positive multiple of {multiple} for --arch {args.arch}, got {args.crop}")
@@ -304,8 +308,8 @@ def main(argv=None):
         start, step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best_f1"], ckpt["history"]
     bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and bf16_native(device))
     create_dir(cfg["out"])
-    print(f"device {device} {'bf16' if bf16 else 'fp32'} | {cfg['arch']} base {cfg['base']} "
-          f"({cfg['parameters']:,} parameters) | "
+    print(f"device {device} {'bf16' if bf16 else 'fp32'} | {cfg['arch']} base {cfg['base']}"
+          f"{', top ' + str(cfg['top']) if cfg.get('top') else ''} ({cfg['parameters']:,} parameters) | "
           f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
           f"{len(val_ds.ids)} val{' (trained on too)' if cfg['train_on_val'] else ''} | "
           f"epochs {start + 1}..{cfg['epochs']}")

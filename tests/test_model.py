@@ -27,6 +27,19 @@ def test_reference_widths():
     assert 31_000_000 < count_parameters(model) < 32_000_000
 
 
+def test_top_width_changes_only_the_finest_level():
+    model = UNet(base=16, top=32)
+    assert [enc.conv.body[0].out_channels for enc in model.encoders] == [32, 32, 64, 128]
+    assert model.bottleneck.body[0].out_channels == 256
+    assert [d.up.out_channels for d in model.decoders] == [128, 64, 32, 32]
+    assert model.head.in_channels == 32
+    s2d = S2DUNet(base=16, top=32)
+    assert s2d.net.encoders[0].conv.body[0].out_channels == 32
+    assert s2d(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    with pytest.raises(ValueError, match="widths must be >= 1"):
+        UNet(base=16, top=0)
+
+
 @pytest.mark.parametrize("h,w", [(100, 100), (584, 565), (17, 33)])
 def test_odd_size_rejected_with_message(h, w):
     with pytest.raises(ValueError, match=f"{h}x{w} is not a multiple of 16"):

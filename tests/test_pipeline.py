@@ -112,17 +112,18 @@ def test_max_steps_smoke_other_options(synthetic, tmp_path):
 
 
 def test_s2d_trains_and_predicts(synthetic, tmp_path):
-    """--arch s2d trains, and test.py and predict.py rebuild it (inputs padded to 32); a threshold
-    chosen with --tta 2 makes 2 flips test.py's default."""
+    """--arch s2d with a wider finest level trains, and test.py and predict.py rebuild it (inputs
+    padded to 32); a threshold chosen with --tta 2 makes 2 flips test.py's default."""
     r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
-                   "--arch", "s2d", "--precision", "fp32", "--tta", 2, "--out", tmp_path / "s", cwd=tmp_path)
+                   "--arch", "s2d", "--top-width", 4, "--precision", "fp32", "--tta", 2,
+                   "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "s2d base 2" in r.stdout and "mean of 2 flips" in r.stdout
     assert torch.load(tmp_path / "s" / "model.pt", weights_only=False)["tta"] == 2
     r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
                    "--out", tmp_path / "res", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "space-to-depth U-Net base 2" in r.stdout and "mean of 2 flips" in r.stdout
+    assert "space-to-depth U-Net base 2, top 4" in r.stdout and "mean of 2 flips" in r.stdout
     assert json.load(open(tmp_path / "res" / "metrics.json"))["tta"] == 2
     image = next((synthetic / "data" / "test" / "images").iterdir())
     r = run_script("predict.py", image, "--checkpoint", tmp_path / "s" / "model.pt",
