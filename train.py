@@ -69,13 +69,13 @@ def get_args(argv=None):
                    help="cosine with linear warm-up (per step), or the blog's ReduceLROnPlateau "
                         "on the validation loss")
     p.add_argument("--warmup", type=float, default=2, help="warm-up epochs for --sched cosine")
-    p.add_argument("--degrade", type=float, default=0.0,
+    p.add_argument("--degrade", type=float, default=0.3,
                    help="fraction of training crops cut from a photograph first JPEG-compressed, "
                         "blurred, downscaled or made noisy (then denoised, as inference would), as "
-                        "other cameras deliver them: 0.3 makes "
-                        "the U-Net markedly more robust to such photographs (held out, 3 seeds: F1 "
-                        "+0.023 under JPEG, blur, low resolution) for 0.003 less F1 on DRIVE's "
-                        "unchanged validation images (README, Other cameras)")
+                        "other cameras deliver them: it makes the U-Net markedly more robust to such "
+                        "photographs (held out, 3 seeds: F1 +0.023 under JPEG, blur, low resolution) "
+                        "for 0.003 less F1 on DRIVE's unchanged validation images (README, Other "
+                        "cameras); 0 turns it off")
     p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=False,
                    help="resample the vessel and FOV masks of rotated or scaled crops bilinearly "
                         "(soft targets at vessel edges) instead of to the nearest pixel; held out "
