@@ -175,6 +175,15 @@ def test_eta_counts_only_this_sessions_epochs():
     assert train.eta(history, 0, 3) == ""  # the last epoch: nothing left
 
 
+def test_default_recipe_is_the_s2d_unet_with_a_wider_top():
+    import train
+    args = train.get_args([])
+    assert (args.arch, args.base, args.top, args.crop) == ("s2d", 16, 40, 256)
+    assert train.get_args(["--base", "4"]).top == 10  # 2.5x --base for s2d
+    assert train.get_args(["--top-width", "24"]).top == 24
+    assert train.get_args(["--arch", "unet"]).top is None  # the U-Net keeps --base
+
+
 def test_epochs_in_budget():
     import train
     # 30 min, 50 s gone after 2 epochs of 20 s, 30 s kept for the threshold: 2 + 1720 // 21 = 83
