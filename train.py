@@ -95,6 +95,10 @@ def get_args(argv=None):
     p.add_argument("--top-width", type=int, default=None, dest="top",
                    help="width of the finest level instead of --base (unet, s2d) (default: for s2d "
                         f"{S2D_TOP} x --base, so 40 at base 16; for unet --base)")
+    p.add_argument("--refine", type=int, default=0, metavar="R",
+                   help="s2d: end in R feature maps at full resolution (pixel-shuffled from the half-"
+                        "resolution net) that one 3x3 block, with the image beside them, turns into "
+                        "the logits: a full-resolution stage for thin vessels; 0: none")
     p.add_argument("--norm", choices=tuple(NORMS), default="clahe", help="image contrast normalisation")
     p.add_argument("--ema", type=float, default=0.99,
                    help="decay of the moving average of the weights that is validated and saved "
@@ -128,6 +132,8 @@ def get_args(argv=None):
         p.error(f"--degrade is a fraction of the crops, from 0 to 1; got {args.degrade}")
     if args.top is not None and (args.arch == "wnet" or args.top < 1):
         p.error(f"--top-width must be positive and is for --arch unet or s2d, got {args.top} for {args.arch}")
+    if args.refine < 0 or (args.refine and args.arch != "s2d"):
+        p.error(f"--refine must be 0 or more and is for --arch s2d, got {args.refine} for {args.arch}")
     if args.top is None and args.arch == "s2d":
         args.top = round(S2D_TOP * args.base)
     multiple = ARCHS[args.arch].multiple
@@ -316,7 +322,9 @@ def main(argv=None):
     bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and bf16_native(device))
     create_dir(cfg["out"])
     print(f"device {device} {'bf16' if bf16 else 'fp32'} | {cfg['arch']} base {cfg['base']}"
-          f"{', top ' + str(cfg['top']) if cfg.get('top') else ''} ({cfg['parameters']:,} parameters) | "
+          f"{', top ' + str(cfg['top']) if cfg.get('top') else ''}"
+          f"{', refine ' + str(cfg['refine']) if cfg.get('refine') else ''}"
+          f" ({cfg['parameters']:,} parameters) | "
           f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
           f"{len(val_ds.ids)} val{' (trained on too)' if cfg['train_on_val'] else ''} | "
           f"epochs {start + 1}..{cfg['epochs']}")

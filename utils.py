@@ -208,6 +208,8 @@ ARCHS = {"unet": UNet, "s2d": S2DUNet, "wnet": WNet}  # train.py --arch -> netwo
 def build_model(cfg):
     """The network a config describes (train.py's resolved arguments)."""
     kwargs = {"top": cfg["top"]} if cfg.get("top") else {}  # WNet has no top width
+    if cfg.get("refine"):  # s2d only; older checkpoints have no such key
+        kwargs["refine"] = cfg["refine"]
     return ARCHS[cfg.get("arch", "unet")](in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"], **kwargs)
 
 

@@ -40,6 +40,32 @@ def test_top_width_changes_only_the_finest_level():
         UNet(base=16, top=0)
 
 
+def test_s2d_refine_adds_a_full_resolution_block():
+    """refine=R: the half-resolution net ends in 4R maps, shuffled to R at full resolution,
+    then a 3x3 conv over those R and the 3 image channels, and a 1x1 to the logits."""
+    model = S2DUNet(base=4, top=8, refine=6).eval()
+    assert model.net.head.out_channels == 4 * 6
+    conv = model.refine[1]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (6 + 3, 6, (3, 3))
+    assert model.refine[-1].out_channels == 1
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 96))
+    assert out.shape == (2, 1, 64, 96)
+    # with the half-resolution net silenced, only the full-resolution block sees the image:
+    # a change to one pixel moves the logits in its 3x3 neighbourhood and nowhere else
+    torch.nn.init.zeros_(model.net.head.weight)
+    torch.nn.init.zeros_(model.net.head.bias)
+    x = torch.rand(1, 3, 64, 64)
+    y = x.clone()
+    y[0, :, 10, 11] += 0.5
+    with torch.no_grad():
+        diff = (model(x) - model(y)).abs()[0, 0]
+    assert diff[10, 11] > 0 and diff[9:12, 10:13].sum() == diff.sum()
+    assert S2DUNet(base=4, top=8).refine is None
+    with pytest.raises(ValueError, match="refine must be >= 0"):
+        S2DUNet(base=4, refine=-1)
+
+
 @pytest.mark.parametrize("h,w", [(100, 100), (584, 565), (17, 33)])
 def test_odd_size_rejected_with_message(h, w):
     with pytest.raises(ValueError, match=f"{h}x{w} is not a multiple of 16"):
