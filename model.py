@@ -102,8 +102,9 @@ class S2DUNet(nn.Module):
     ~3x faster there, for ~0.007 less validation F1 after the same epochs (README). With a wider
     first level (top=40 at base 16, train.py's default) it scores within 0.002 F1 of the U-Net in about
     half its time on a CPU with native bf16. refine=R adds a full-resolution stage: the net
-ends in 4R maps instead of logits, pixel_shuffle makes them R at full resolution, and one 3x3
-conv block over them and the image gives the logits. H and W must be multiples of 32."""
+    ends in 4R maps instead of logits, pixel_shuffle makes them R at full resolution, and one 3x3
+    conv block over them (after a ReLU) and the image gives the logits. H and W must be multiples
+    of 32."""
     multiple = 2 * MULTIPLE
 
     def __init__(self, in_ch=3, out_ch=1, base=16, top=None, refine=0):

@@ -98,7 +98,8 @@ def get_args(argv=None):
     p.add_argument("--refine", type=int, default=0, metavar="R",
                    help="s2d: end in R feature maps at full resolution (pixel-shuffled from the half-"
                         "resolution net) that one 3x3 block, with the image beside them, turns into "
-                        "the logits: a full-resolution stage for thin vessels; 0: none")
+                        "the logits: a full-resolution stage for thin vessels; 0: none. --top-width 32 "
+                        "--refine 8, screened against the default, did not gain (README)")
     p.add_argument("--norm", choices=tuple(NORMS), default="clahe", help="image contrast normalisation")
     p.add_argument("--ema", type=float, default=0.99,
                    help="decay of the moving average of the weights that is validated and saved "
