@@ -65,13 +65,37 @@ def get_device(name="auto"):
     return torch.device(name)
 
 
+def cpu_flags(path="/proc/cpuinfo"):
+    """The CPU's feature flags as Linux lists them (x86 "flags", Arm "Features"), or None
+    where the file is absent (macOS, Windows)."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return set(value.split())
+    return None
+
+
 def bf16_native(device):
     """Whether `device` runs bfloat16 convolutions natively (CUDA with bf16 support, or
     a CPU with AVX512-BF16/AMX through oneDNN); elsewhere bf16 is emulated and slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check and check())
+    return cpu_bf16_native(bool(check and check()), cpu_flags())
+
+
+def cpu_bf16_native(onednn_bf16, flags):
+    """oneDNN also reports bf16 on AVX-512 CPUs without its instructions (Skylake, Cascade
+    Lake), where it converts in software: a training step there takes 2.1x fp32's time. So on
+    such a CPU the flags must show them; elsewhere (Arm, no /proc/cpuinfo) oneDNN decides."""
+    if not onednn_bf16:
+        return False
+    if flags is None or "avx512f" not in flags:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def sync(device):

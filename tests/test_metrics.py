@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
 
-from utils import best_threshold, confusion, rle_decode, rle_encode, scores
+from utils import best_threshold, confusion, cpu_bf16_native, cpu_flags, rle_decode, rle_encode, scores
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -86,3 +86,22 @@ def test_prob_encoding_round_trip_and_ranking():
     exact = roc_auc_score(y, probs)
     assert abs(roc_auc_score(y, encode_probs(probs)) - exact) < 1e-3
     assert abs(roc_auc_score(y, np.round(probs * 255)) - exact) > 2e-3
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx2 avx512f avx512_vnni\n\n"
+                    "processor\t: 1\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert cpu_flags(str(info)) == {"fpu", "avx2", "avx512f", "avx512_vnni"}
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpu_flags(str(info)) == {"fp", "asimd", "bf16"}
+    assert cpu_flags(str(tmp_path / "absent")) is None
+
+
+def test_bf16_is_native_only_with_its_instructions():
+    assert not cpu_bf16_native(False, {"avx512f", "avx512_bf16"})  # oneDNN says no: no
+    assert not cpu_bf16_native(True, {"avx2", "avx512f", "avx512_vnni"})  # Cascade Lake: emulated
+    assert cpu_bf16_native(True, {"avx2", "avx512f", "avx512_bf16"})  # Zen 4, Cooper Lake
+    assert cpu_bf16_native(True, {"avx512f", "amx_bf16", "amx_tile"})  # Sapphire Rapids
+    assert cpu_bf16_native(True, {"fp", "asimd", "bf16"})  # Arm: oneDNN decides
+    assert cpu_bf16_native(True, None)  # no /proc/cpuinfo: oneDNN decides
