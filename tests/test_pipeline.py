@@ -184,6 +184,30 @@ def test_default_recipe_is_the_s2d_unet_with_a_wider_top():
     assert train.get_args(["--arch", "unet"]).top is None  # the U-Net keeps --base
 
 
+def test_ema_update_known_answers_and_rounding():
+    """The foreach moving average: the ramped and the full decay, int64 buffers truncated, and
+    bit for bit what d * averaged + (1 - d) * current gives one tensor at a time."""
+    import train
+    update = train.ema_update(0.99)
+    avg, cur = [torch.tensor([1.0, -2.0])], [torch.tensor([3.0, 2.0])]
+    update(avg, cur, torch.tensor(1))  # d = 2/11 while ramping up
+    assert torch.allclose(avg[0], torch.tensor([2 / 11 + 27 / 11, -4 / 11 + 18 / 11]))
+    avg = [torch.tensor([1.0])]
+    update(avg, [torch.tensor([3.0])], torch.tensor(10 ** 6))  # d = 0.99
+    assert torch.allclose(avg[0], torch.tensor([0.99 + 0.03]))
+    counts = [torch.tensor(10, dtype=torch.long)]
+    update(counts, [torch.tensor(20, dtype=torch.long)], torch.tensor(1))
+    assert counts[0].dtype == torch.long and counts[0].item() == int(2 / 11 * 10 + 9 / 11 * 20)
+    gen = torch.Generator().manual_seed(0)
+    for count in (torch.tensor(3), torch.tensor(5000)):
+        avg = [torch.randn(64, generator=gen), torch.randn(3, 3, generator=gen)]
+        cur = [torch.randn_like(a) for a in avg]
+        d = min(0.99, (1 + count) / (10 + count))
+        expected = [d * a + (1 - d) * c for a, c in zip(avg, cur)]
+        update(avg, cur, count)
+        assert all(torch.equal(a, e) for a, e in zip(avg, expected))
+
+
 def test_epochs_in_budget():
     import train
     # 30 min, 50 s gone after 2 epochs of 20 s, 30 s kept for the threshold: 2 + 1720 // 21 = 83
