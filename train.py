@@ -15,7 +15,6 @@ test.py and predict.py run (--tta), stored in model.pt with it. The test set is
 never read.
 """
 import argparse
-import contextlib
 import csv
 import math
 import os
@@ -36,8 +35,7 @@ from model import WNet, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
 from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, best_threshold,  # noqa: E402
                    bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device,
-                   predict_probs, prefetch, read_checkpoint, run_main, scores, seeding, torch_save,
-                   tta_text, tta_views)
+                   predict_probs, read_checkpoint, run_main, scores, seeding, torch_save, tta_text, tta_views)
 
 STARTED = time.time()  # --time-budget counts from here: data loading included, imports (~2 s) not
 EPOCHS = 120
@@ -199,36 +197,27 @@ def inference_copy(state):
 def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16, step, max_steps, epoch):
     model.train()
     total, count = 0.0, 0
-    # without worker processes, a thread augments the next batches during this one's step;
-    # closing it stops the thread before the next epoch reseeds the augmentation
-    with contextlib.closing(prefetch(loader, depth=2 if loader.num_workers == 0 else 0)) as batches:
-        bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False)
-        for image, mask, fov, _ in bar:
-            if max_steps is not None and step >= max_steps:
-                break
-            loss = train_step(model, image, mask, fov, optimizer, loss_fn, device, bf16)
-            if ema is not None:
-                ema.update_parameters(model)
-            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                scheduler.step()
-            step += 1
-            total, count = total + loss, count + 1
-            bar.set_postfix(loss=f"{total / count:.4f}")
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
+    for image, mask, fov, _ in bar:
+        if max_steps is not None and step >= max_steps:
+            break
+        image = image.to(device).contiguous(memory_format=torch.channels_last)  # (N,C,crop,crop)
+        mask, fov = mask.to(device), fov.to(device)  # (N,1,crop,crop)
+        optimizer.zero_grad(set_to_none=True)
+        # logits (N,1,crop,crop); a cascade is supervised at both stages
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = model(image, return_all=True) if isinstance(model, WNet) else (model(image),)
+        loss = sum(loss_fn(logits.float(), mask, fov) for logits in outputs)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.step()
+        step += 1
+        total, count = total + loss.item(), count + 1
+        bar.set_postfix(loss=f"{total / count:.4f}")
     return total / max(count, 1), step
-
-
-def train_step(model, image, mask, fov, optimizer, loss_fn, device, bf16):
-    """One optimizer step on a batch: image (N,C,crop,crop), mask and fov (N,1,crop,crop)."""
-    image = image.to(device).contiguous(memory_format=torch.channels_last)
-    mask, fov = mask.to(device), fov.to(device)
-    optimizer.zero_grad(set_to_none=True)
-    # logits (N,1,crop,crop); a cascade is supervised at both stages
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        outputs = model(image, return_all=True) if isinstance(model, WNet) else (model(image),)
-    loss = sum(loss_fn(logits.float(), mask, fov) for logits in outputs)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
 
 
 @torch.no_grad()

@@ -5,11 +5,9 @@ import contextlib
 import math
 import os
 import pickle
-import queue
 import random
 import shutil
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -122,52 +120,6 @@ class Timer:
         if self.device is not None:
             sync(self.device)
         self.seconds = time.perf_counter() - self._t
-
-
-# ---------------------------------------------------------------- data
-def prefetch(iterable, depth=2):
-    """Iterate `iterable` in a background thread, up to `depth` items ahead, so the next
-    batch's augmentation (OpenCV and NumPy, which release the GIL) runs while the training
-    step waits on its own parallel sections. The items, and their order, are those of
-    iterating `iterable` directly. An exception in the thread is raised here; stopping early
-    (break, Ctrl-C) stops the thread. depth 0: no thread, `iterable` itself."""
-    if depth == 0:
-        yield from iterable
-        return
-    items, stop, end = queue.Queue(maxsize=depth), threading.Event(), object()
-
-    def put(item):  # False once the consumer has gone
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for item in iterable:
-                if not put((item, None)):
-                    return
-        except Exception as error:  # handed over, raised in the consumer's thread
-            put((end, error))
-            return
-        put((end, None))
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = items.get()
-            if item is end:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 # ---------------------------------------------------------------- safe writes

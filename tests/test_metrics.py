@@ -1,14 +1,10 @@
-import threading
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
 
-from utils import (best_threshold, confusion, cpu_bf16_native, cpu_flags, prefetch, rle_decode, rle_encode,
-                   scores)
+from utils import best_threshold, confusion, cpu_bf16_native, cpu_flags, rle_decode, rle_encode, scores
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -109,37 +105,3 @@ def test_bf16_is_native_only_with_its_instructions():
     assert cpu_bf16_native(True, {"avx512f", "amx_bf16", "amx_tile"})  # Sapphire Rapids
     assert cpu_bf16_native(True, {"fp", "asimd", "bf16"})  # Arm: oneDNN decides
     assert cpu_bf16_native(True, None)  # no /proc/cpuinfo: oneDNN decides
-
-
-@pytest.mark.parametrize("depth", [0, 1, 3])
-def test_prefetch_keeps_items_and_order(depth):
-    assert list(prefetch(iter(range(50)), depth)) == list(range(50))
-    assert list(prefetch([], depth)) == []
-
-
-def test_prefetch_raises_the_threads_error_after_the_items_before_it():
-    def items():
-        yield 1
-        yield 2
-        raise ValueError("bad crop")
-    got = []
-    with pytest.raises(ValueError, match="bad crop"):
-        for x in prefetch(items(), 2):
-            got.append(x)
-    assert got == [1, 2]
-
-
-def test_prefetch_closed_early_stops_its_thread():
-    produced = []
-
-    def items():
-        for i in range(1000):
-            produced.append(i)
-            yield i
-    before = threading.active_count()
-    batches = prefetch(items(), 2)
-    assert next(batches) == 0
-    time.sleep(0.2)  # the thread fills the queue, then waits
-    batches.close()
-    assert threading.active_count() == before
-    assert len(produced) <= 4  # the one taken, two queued, one waiting to be put
