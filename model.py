@@ -7,7 +7,11 @@ S2DUNet runs the same U-Net on 2x2 blocks of pixels, a quarter of the work.
 Every network has `multiple`: the number its input's height and width must divide by.
 """
 import torch
+import torch.fx
 import torch.nn as nn
+
+# the input check stays one call when torch.fx traces a network (int8 quantization, utils.py)
+torch.fx.wrap("check_input")
 
 DEPTH = 4  # number of 2x down-samplings, so inputs must be multiples of 2**DEPTH
 MULTIPLE = 2 ** DEPTH

@@ -285,7 +285,7 @@ def main(argv=None):
     paths = collect_inputs(args.inputs)
     given_fov = load_fov(args.fov)
     device = get_device(args.device)
-    model, ckpt = load_model(args.checkpoint, device)
+    model, ckpt = load_model(args.checkpoint, device, args.precision)
     options = inference_options(args, ckpt, device)  # (tta, bf16)
     create_dir(args.out)
     rows, failed = [], []

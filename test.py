@@ -167,7 +167,7 @@ def evaluate(model, ckpt, args, device, out):
     plot_curves(os.path.join(out, "roc_pr.png"), all_truth, all_probs, pooled, human)
     return {"checkpoint": args.checkpoint, "split": args.split, "n_images": len(ids),
             "corrupt": args.corrupt, "denoise": args.denoise, "threshold": threshold, "tta": tta,
-            "precision": "bf16" if bf16 else "fp32", "pooled": pooled,
+            "precision": "int8" if args.precision == "int8" else "bf16" if bf16 else "fp32", "pooled": pooled,
             "per_image_mean": mean, "per_image_std": std, "second_annotator": human,
             "device": str(device), "batch_size": 1, "seconds_per_image": seconds / len(ids),
             "fps": len(ids) / seconds}, rows
@@ -222,7 +222,7 @@ def report(m):
 def main(argv=None):
     args = get_args(argv)
     device = get_device(args.device)
-    model, ckpt = load_model(args.checkpoint, device)
+    model, ckpt = load_model(args.checkpoint, device, args.precision)
     names = {"unet": "U-Net", "s2d": "space-to-depth U-Net", "wnet": "W-Net"}
     arch = names[ckpt["config"].get("arch", "unet")]
     top = f", top {ckpt['config']['top']}" if ckpt["config"].get("top") else ""

@@ -35,8 +35,10 @@ from model import WNet, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
 from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, best_threshold,  # noqa: E402
                    bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device,
-                   predict_probs, read_checkpoint, run_main, scores, seeding, torch_save, tta_text, tta_views)
+                   inference_model, int8_ranges, network_window, predict_probs, read_checkpoint, run_main,
+                   scores, seeding, torch_save, tta_text, tta_views)
 
+INT8_ARCHS = ("unet", "s2d")  # --precision int8 was measured on these, not on the W-Net
 STARTED = time.time()  # --time-budget counts from here: data loading included, imports (~2 s) not
 EPOCHS = 120
 # s2d's default finest width as a multiple of --base: 40 at base 16 scored above the U-Net's
@@ -262,6 +264,18 @@ def choose_threshold(model, dataset, tta, bf16):
     return best_threshold(np.concatenate(probs), np.concatenate(truths))
 
 
+def calibrate_int8(inference, dataset, path):
+    """The activation ranges for test.py's and predict.py's --precision int8, from the
+    network as they load it (`inference`: inference_copy's weights) over what it sees of the
+    whole images of `dataset` (the FOV's window, one view each)."""
+    model = inference_model(inference, path)
+    inputs = []
+    for i in range(len(dataset)):
+        image, _, fov, _ = dataset[i]
+        inputs.append(network_window(image, fov_box(fov[0].bool().numpy()), model.multiple))
+    return int8_ranges(model, inputs)
+
+
 # ---------------------------------------------------------------- log and curves
 def write_log(out, history, loss_name, val_name="validation"):
     with atomic_path(os.path.join(out, "log.csv")) as tmp:
@@ -407,8 +421,10 @@ def epochs_in_budget(budget_s, elapsed_s, done, epoch_s, reserve_s, most):
 
 def set_budget_epochs(cfg, done, epoch_s, val_s):
     """Set cfg["epochs"] from the measured epoch time so the run ends within --time-budget."""
-    # the threshold is chosen on 20 whole images with tta flips, validation scores 4 with one
-    reserve = 5 * cfg["tta"] * val_s
+    # the threshold is chosen on 20 whole images with tta flips, validation scores 4 with one;
+    # the int8 calibration then takes ~7 views' time per image (1 s per image, 20 s, on a 2-core
+    # AVX-512 Xeon for the default; on the CPU also after GPU training, inside the 5% spare there)
+    reserve = 5 * (cfg["tta"] + (7 if cfg["arch"] in INT8_ARCHS else 0)) * val_s
     elapsed = time.time() - STARTED
     epochs = epochs_in_budget(60 * cfg["time_budget"], elapsed, done, epoch_s, reserve, cfg["epochs"])
     print(f"time budget {cfg['time_budget']:g} min: {elapsed:.0f} s so far, {epoch_s:.1f} s per epoch "
@@ -430,20 +446,24 @@ def eta(history, start, epochs):
 
 
 def finish(scored, cfg, device):
-    """Choose the final threshold on all training images; write it into last.pt and model.pt.
-    Inference runs as test.py's default does: bf16 where native, TTA as --tta says."""
+    """Choose the final threshold on all training images and calibrate int8 inference there;
+    write both into last.pt and model.pt. Inference runs as test.py's default does: bf16 where
+    native, TTA as --tta says."""
     path = os.path.join(cfg["out"], "last.pt")
     state = torch.load(path, map_location=device, weights_only=False)
     full = DriveDataset(cfg["data"], ("train", "val"), cfg["norm"])  # whole images, no augmentation
     threshold, f1 = choose_threshold(scored, full, cfg["tta"], bf16_native(device))
     state.update(threshold=threshold, tta=cfg["tta"])
+    inference = inference_copy(state)
+    if cfg["arch"] in INT8_ARCHS:
+        state["int8"] = inference["int8"] = calibrate_int8(inference, full, path)
     torch_save(state, path)
-    torch_save(inference_copy(state), os.path.join(cfg["out"], "model.pt"))
+    torch_save(inference, os.path.join(cfg["out"], "model.pt"))
     history = state["history"]
     print(f"last epoch {state['epoch']}: val F1 {history[-1]['val_f1_best']:.4f} (best epoch "
           f"{max(history, key=lambda r: r['val_f1_best'])['epoch']}: {state['best_f1']:.4f}); "
           f"threshold {threshold:.3f} on all {len(full)} training images"
-          f"{tta_text(cfg['tta'])} (F1 there {f1:.4f})")
+          f"{tta_text(cfg['tta'])} (F1 there {f1:.4f}){'; int8 calibrated there' if 'int8' in state else ''}")
     print(f"wrote {cfg['out']}/model.pt (final weights and threshold, for test.py and predict.py), "
           "last.pt (for --resume), log.csv, curves.png")
 

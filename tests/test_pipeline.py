@@ -228,3 +228,21 @@ def test_time_budget_sets_the_epochs(synthetic, tmp_path):
     ckpt = torch.load(tmp_path / "t" / "last.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["config"]["epochs"] == 2 and len(ckpt["history"]) == 2
     assert (tmp_path / "t" / "model.pt").is_file()
+
+
+@pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines,
+                    reason="int8 inference needs PyTorch's x86 quantized engine")
+def test_int8_inference_scores_like_fp32(tested, trained, tmp_path):
+    """train.py stores an int8 calibration; test.py and predict.py --precision int8 use it."""
+    assert torch.load(trained / "runs" / "unet" / "model.pt", weights_only=False)["int8"]
+    r = run_script("test.py", "--precision", "int8", "--out", tmp_path / "res", cwd=trained)
+    assert r.returncode == 0, r.stderr
+    assert "int8" in r.stdout and "Warning" not in r.stderr
+    m = json.load(open(tmp_path / "res" / "metrics.json"))
+    fp = json.load(open(tested[0] / "metrics.json"))
+    assert m["precision"] == "int8" and fp["precision"] != "int8"
+    assert abs(m["pooled"]["auc"] - fp["pooled"]["auc"]) < 0.01, (m["pooled"], fp["pooled"])
+    image = next((trained / "data" / "test" / "images").iterdir())
+    r = run_script("predict.py", image, "--precision", "int8", "--out", tmp_path / "pred", cwd=trained)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "pred" / f"{image.stem}_mask.png").is_file()

@@ -1,0 +1,77 @@
+"""int8 inference: calibration, the ranges a checkpoint stores, and the errors around them."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import S2DUNet, UNet, fold_batchnorm
+from utils import UserError, int8_ranges, load_model, quantize_int8, torch_save
+
+pytestmark = pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines,
+                                reason="int8 inference needs PyTorch's x86 quantized engine")
+
+
+def smooth_images(n, seed, size=64):
+    """(1,3,size,size) images with structure at several scales, as photographs have."""
+    g = torch.Generator().manual_seed(seed)
+    return [F.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g), size=size, mode="bilinear")
+            * 0.7 + 0.3 * torch.rand(1, 3, size, size, generator=g) for _ in range(n)]
+
+
+def trained_like(net, **kw):
+    """A network whose BatchNorm statistics come from data (a few batches in train mode),
+    eval mode, BatchNorm folded: the form inference quantizes."""
+    torch.manual_seed(0)
+    model = net(base=4, **kw).train()
+    with torch.no_grad():
+        for x in smooth_images(4, 1):
+            model(x)
+        model = fold_batchnorm(model.eval())
+        # logits spread around 0 as a trained head's do (a random head's barely vary)
+        logits = torch.cat([model(x).flatten() for x in smooth_images(2, 4)])
+        head = model.head if isinstance(model, UNet) else model.net.head
+        head.weight /= logits.std() / 3
+        head.bias.copy_((head.bias - logits.mean()) / (logits.std() / 3))
+    return model
+
+
+@pytest.mark.parametrize("net,kw", [(UNet, {}), (S2DUNet, {"top": 8})])
+def test_int8_follows_fp32(net, kw):
+    model = trained_like(net, **kw)
+    quantized = quantize_int8(model, int8_ranges(model, smooth_images(6, 2)))
+    x = smooth_images(1, 3)[0]  # not among the calibration images
+    with torch.no_grad():
+        ref, out = model(x), quantized(x)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    # 8-bit activations: errors of a few hundredths of the logits' spread (base 4: ~5%), not another map
+    assert (out - ref).abs().mean() < 0.1 * ref.std(), ((out - ref).abs().mean(), ref.std())
+    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99
+
+
+def test_stored_ranges_rebuild_the_calibrated_network():
+    """The ranges are all a checkpoint keeps: quantizing twice from them gives the same network
+    bit for bit, and 7-bit activations (CPUs without VNNI) stay close to 8-bit ones."""
+    model = trained_like(S2DUNet, top=8)
+    ranges = int8_ranges(model, smooth_images(4, 2))
+    assert ranges and all(lo <= 0 <= hi for lo, hi in ranges.values())
+    x = smooth_images(1, 3)[0]
+    with torch.no_grad():
+        a, b = quantize_int8(model, ranges, levels=256)(x), quantize_int8(model, ranges, levels=256)(x)
+        seven = quantize_int8(model, ranges, levels=128)(x)
+    assert torch.equal(a, b)
+    assert (seven - a).abs().mean() < 0.05 * a.std()
+
+
+def test_ranges_of_another_network_rejected():
+    ranges = int8_ranges(trained_like(UNet), smooth_images(2, 2))
+    with pytest.raises(UserError, match="does not fit"):
+        quantize_int8(trained_like(S2DUNet, top=8), ranges, "other.pt")
+
+
+def test_int8_needs_calibration_and_the_cpu(tmp_path):
+    model = UNet(base=2)
+    path = str(tmp_path / "plain.pt")
+    torch_save({"model": model.state_dict(), "config": {"arch": "unet", "base": 2}}, path)
+    with pytest.raises(UserError, match="no int8 calibration"):
+        load_model(path, torch.device("cpu"), "int8")
+    with pytest.raises(UserError, match="runs on the CPU"):
+        load_model(path, torch.device("cuda"), "int8")
