@@ -224,6 +224,7 @@ def load_model(path, device, precision="auto"):
             raise UserError(f"{path}: no int8 calibration in this checkpoint (train.py stores one for "
                             "--arch unet and s2d); use --precision fp32")
         return quantize_int8(model, ckpt["int8"], path), ckpt
+    # channels_last: the layout the small convolutions of this net run fastest in (CPU and cuDNN)
     return model.to(device, memory_format=torch.channels_last), ckpt
 
 
@@ -236,9 +237,7 @@ def inference_model(ckpt, path):
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: weights do not fit {type(model).__name__}(base={cfg['base']}): {first}")
-    # inference only: BatchNorm folded into the convolutions, and channels_last, the layout
-    # the small convolutions of this net run fastest in (CPU and cuDNN)
-    return fold_batchnorm(model.eval().cpu())
+    return fold_batchnorm(model.eval().cpu())  # inference only: BatchNorm folded into the convs
 
 
 ARCHS = {"unet": UNet, "s2d": S2DUNet, "wnet": WNet}  # train.py --arch -> network class
