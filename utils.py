@@ -275,8 +275,7 @@ def predict_probs(model, image, tta=1, size=None, tile=1024, overlap=64, bf16=Fa
         probs = predict_probs(model, resized[0], tta, None, tile, overlap, bf16, box)
         return F.interpolate(probs[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     if box is not None:
-        m = model.multiple
-        (y0, y1), (x0, x1) = grow_span(box[0], box[1], h, m), grow_span(box[2], box[3], w, m)
+        y0, y1, x0, x1 = grown_box(box, h, w, model.multiple)
         if (y1 - y0, x1 - x0) != (h, w):
             out = torch.zeros(h, w, device=image.device)
             out[y0:y1, x0:x1] = predict_probs(model, image[:, y0:y1, x0:x1], tta, None, tile, overlap, bf16)
@@ -310,6 +309,11 @@ def scale_box(box, sy, sx, margin=2):
             int(box[2] * sx) - margin, math.ceil(box[3] * sx) + margin)
 
 
+def grown_box(box, h, w, multiple):
+    """The box (y0, y1, x0, x1) grown to multiples inside an (h, w) image (grow_span per axis)."""
+    return (*grow_span(box[0], box[1], h, multiple), *grow_span(box[2], box[3], w, multiple))
+
+
 def grow_span(lo, hi, n, multiple):
     """[lo, hi) grown evenly on both sides to a multiple of `multiple` inside [0, n), or to
     all of it when that is shorter: the network then sees real pixels around the box
@@ -327,8 +331,7 @@ TTA_VIEWS = (1, 2, 4)  # flips averaged: the first 1, 2 or all 4 of FLIPS
 def network_window(image, box, multiple):
     """What predict_probs(image, box=box) puts through a network of `multiple` (one view):
     the FOV box grown to multiples, padded where it cannot grow; (C,H,W) -> (1,C,H',W')."""
-    h, w = image.shape[-2:]
-    (y0, y1), (x0, x1) = grow_span(box[0], box[1], h, multiple), grow_span(box[2], box[3], w, multiple)
+    y0, y1, x0, x1 = grown_box(box, *image.shape[-2:], multiple)
     return pad_to_multiple(image[None, :, y0:y1, x0:x1], multiple)[0]
 
 
@@ -443,17 +446,6 @@ def int8_ranges(model, inputs):
     return ranges
 
 
-class Int8Net(torch.nn.Module):
-    """A network quantized by quantize_int8: called as the network was (CPU tensors)."""
-
-    def __init__(self, graph, multiple):
-        super().__init__()
-        self.graph, self.multiple = graph, multiple
-
-    def forward(self, x):
-        return self.graph(x)
-
-
 def quantize_int8(model, ranges, path="checkpoint", levels=None):
     """`model` (eval, BatchNorm folded, CPU) quantized to int8 over the calibrated `ranges`."""
     from torch.ao.quantization.observer import MinMaxObserver
@@ -472,7 +464,9 @@ def quantize_int8(model, ranges, path="checkpoint", levels=None):
     for name, (lo, hi) in ranges.items():
         observers[name].min_val.fill_(lo)  # min/max observers then give uint8 exactly [lo, hi]
         observers[name].max_val.fill_(hi)
-    return Int8Net(convert_fx(observed), model.multiple)
+    quantized = convert_fx(observed)  # called as the network was (CPU tensors)
+    quantized.multiple = model.multiple  # what predict_probs pads to
+    return quantized
 
 
 def to_tensor_image(image):
