@@ -383,7 +383,7 @@ def add_inference_args(parser):
                         help="network arithmetic: auto is bf16 where the device runs it natively (about "
                              "2x faster on CPU, the same F1, AUC and accuracy to 4 decimals on DRIVE), "
                              "else fp32; int8 (CPU, x86) quantizes the network with the checkpoint's "
-                             "calibration: 3x fp32's speed on an AVX-512 Xeon, F1 within 0.0005 (README)")
+                             "calibration: 2.5-3.6x fp32's speed on an AVX-512 Xeon, F1 within 0.0005 (README)")
     parser.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                         help="smooth a photograph whose estimated sensor noise is 2 grey levels or "
                              "more, before contrast normalisation would amplify it "
