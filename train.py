@@ -62,7 +62,10 @@ def get_args(argv=None):
                    help="fit the whole command into MIN minutes of this machine: the number of "
                         "epochs (at most --epochs) is set from the time of the warm-up's epochs, and "
                         "the cosine schedule spans it (README: what 30 minutes buy on different CPUs)")
-    p.add_argument("--batch-size", type=int, default=4, help="crops per optimizer step")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="crops per optimizer step; 2 (twice the steps for about the same time) "
+                        "passed the held-out screen for --arch s2d --top-width 16 on a CPU without "
+                        "native bf16 (README)")
     p.add_argument("--crop", type=int, default=256,
                    help="side of the random training crops (multiple of 16; of 32 for --arch s2d)")
     p.add_argument("--crops-per-image", type=int, default=13,
