@@ -63,9 +63,9 @@ def get_args(argv=None):
                         "epochs (at most --epochs) is set from the time of the warm-up's epochs, and "
                         "the cosine schedule spans it (README: what 30 minutes buy on different CPUs)")
     p.add_argument("--batch-size", type=int, default=4,
-                   help="crops per optimizer step; 2 (twice the steps for about the same time) "
-                        "passed the held-out screen for --arch s2d --top-width 16 on a CPU without "
-                        "native bf16 (README)")
+                   help="crops per optimizer step; 2 (twice the steps, each epoch ~1.1x the time) "
+                        "passed the held-out screens for --arch s2d --top-width 16 on a CPU without "
+                        "native bf16 and for the default with bf16 (README)")
     p.add_argument("--crop", type=int, default=256,
                    help="side of the random training crops (multiple of 16; of 32 for --arch s2d)")
     p.add_argument("--crops-per-image", type=int, default=13,
