@@ -156,6 +156,21 @@ class WNet(nn.Module):
         return (first, second) if return_all else second
 
 
+class S2DWNet(WNet):
+    """The W-Net's cascade with space-to-depth U-Nets: the first as train.py's --arch s2d
+    builds it (base, top), the second half as wide (base // 2, its finest level base wide),
+    seeing the image and the first's probabilities. At base 16 a training step costs ~1.34x
+    the first's alone. H and W must be multiples of 32."""
+
+    multiple = S2DUNet.multiple
+
+    def __init__(self, in_ch=3, out_ch=1, base=16, top=None):
+        nn.Module.__init__(self)
+        self.in_ch = in_ch
+        self.first = S2DUNet(in_ch, out_ch, base, top)
+        self.second = S2DUNet(in_ch + out_ch, out_ch, max(1, base // 2), top=base)
+
+
 @torch.no_grad()
 def fold_batchnorm(model):
     """Inference only: fold each BatchNorm2d into the Conv2d before it (with the running

@@ -93,12 +93,15 @@ def get_args(argv=None):
     p.add_argument("--arch", choices=tuple(ARCHS), default="s2d",
                    help="the U-Net on 2x2 pixel blocks (space-to-depth: every level at half the "
                         "U-Net's resolution, about half its training time for its scores with a "
-                        "wider finest level, crops multiple of 32; README); the U-Net itself; or "
-                        "two U-Nets in cascade (the second refines the first)")
+                        "wider finest level, crops multiple of 32; README); the U-Net itself; "
+                        "two U-Nets in cascade (wnet: the second refines the first); or two space-"
+                        "to-depth U-Nets in cascade (s2dw: the default's network, then one half as "
+                        "wide; 1.34x the training time, it scored below the default at equal time "
+                        "held out, README)")
     p.add_argument("--base", type=int, default=16, help="U-Net base width (64 is the paper's)")
     p.add_argument("--top-width", type=int, default=None, dest="top",
-                   help="width of the finest level instead of --base (unet, s2d) (default: for s2d "
-                        f"{S2D_TOP} x --base, so 40 at base 16; for unet --base)")
+                   help="width of the finest level instead of --base (unet, s2d, s2dw's first stage) "
+                        f"(default: for s2d and s2dw {S2D_TOP} x --base, so 40 at base 16; for unet --base)")
     p.add_argument("--refine", type=int, default=0, metavar="R",
                    help="s2d: end in R feature maps at full resolution (pixel-shuffled from the half-"
                         "resolution net) that one 3x3 block, with the image beside them, turns into "
@@ -136,10 +139,10 @@ def get_args(argv=None):
     if not 0 <= args.degrade <= 1:
         p.error(f"--degrade is a fraction of the crops, from 0 to 1; got {args.degrade}")
     if args.top is not None and (args.arch == "wnet" or args.top < 1):
-        p.error(f"--top-width must be positive and is for --arch unet or s2d, got {args.top} for {args.arch}")
+        p.error(f"--top-width must be positive and is for --arch unet, s2d or s2dw, got {args.top} for {args.arch}")
     if args.refine < 0 or (args.refine and args.arch != "s2d"):
         p.error(f"--refine must be 0 or more and is for --arch s2d, got {args.refine} for {args.arch}")
-    if args.top is None and args.arch == "s2d":
+    if args.top is None and args.arch in ("s2d", "s2dw"):
         args.top = round(S2D_TOP * args.base)
     multiple = ARCHS[args.arch].multiple
     if args.crop % multiple or args.crop < multiple:

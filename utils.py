@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from model import S2DUNet, UNet, WNet, fold_batchnorm, pad_to_multiple
+from model import S2DUNet, S2DWNet, UNet, WNet, fold_batchnorm, pad_to_multiple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_WEIGHTS = os.path.join(HERE, "weights", "drive_unet.pt")
@@ -240,7 +240,7 @@ def inference_model(ckpt, path):
     return fold_batchnorm(model.eval().cpu())  # inference only: BatchNorm folded into the convs
 
 
-ARCHS = {"unet": UNet, "s2d": S2DUNet, "wnet": WNet}  # train.py --arch -> network class
+ARCHS = {"unet": UNet, "s2d": S2DUNet, "wnet": WNet, "s2dw": S2DWNet}  # train.py --arch -> network class
 
 
 def build_model(cfg):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import S2DUNet, UNet, WNet, count_parameters, fold_batchnorm, pad_to_multiple
+from model import S2DUNet, S2DWNet, UNet, WNet, count_parameters, fold_batchnorm, pad_to_multiple
 from utils import add_tta_args, fov_box, grow_span, predict_probs, tta_views
 
 
@@ -180,6 +180,23 @@ def test_wnet_cascade_shapes():
     assert model.second.in_ch == 2  # the image and the first stage's probabilities
 
 
+def test_s2d_wnet_cascade_stages():
+    torch.manual_seed(0)
+    model = S2DWNet(base=4, top=10).eval()
+    assert (model.first.net.encoders[0].conv.body[0].out_channels, model.first.net.bottleneck.body[0].out_channels,
+            model.second.net.encoders[0].conv.body[0].out_channels, model.second.net.bottleneck.body[0].out_channels) \
+        == (10, 64, 4, 32)  # the first as --arch s2d builds it; the second half as wide, its finest level base wide
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        first, second = model(x, return_all=True)
+        assert first.shape == second.shape == (2, 1, 64, 96)
+        assert torch.equal(model(x), second)
+        assert torch.equal(first, model.first(x))  # the first stage is the plain network
+        assert torch.equal(second, model.second(torch.cat([x, torch.sigmoid(first)], dim=1)))
+    with pytest.raises(ValueError, match="48x48 is not a multiple of 32"):
+        model(torch.rand(1, 3, 48, 48))
+
+
 def test_s2d_unet_shapes_and_errors():
     model = S2DUNet(base=4).eval()
     assert model.net.in_ch == 12 and model.net.head.out_channels == 4  # 2x2 blocks of 3 channels
@@ -205,7 +222,7 @@ def test_s2d_unet_outputs_pixel_blocks():
             assert torch.equal(out[0, 0, a::2, b::2], half[0, 2 * a + b])
 
 
-@pytest.mark.parametrize("net", [UNet, S2DUNet, WNet])
+@pytest.mark.parametrize("net", [UNet, S2DUNet, WNet, S2DWNet])
 def test_fold_batchnorm_keeps_outputs(net):
     torch.manual_seed(0)
     model = net(base=4)

@@ -132,6 +132,20 @@ def test_s2d_trains_and_predicts(synthetic, tmp_path):
     assert (tmp_path / "pred" / f"{image.stem}_mask.png").is_file()
 
 
+def test_s2d_cascade_trains_and_tests(synthetic, tmp_path):
+    """--arch s2dw (two space-to-depth U-Nets in cascade) trains, and test.py rebuilds it from
+    the checkpoint."""
+    r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
+                   "--arch", "s2dw", "--precision", "fp32", "--no-tta", "--out", tmp_path / "s", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / "s" / "model.pt", weights_only=False)
+    assert ckpt["config"]["top"] == 5 and any(k.startswith("second.net.") for k in ckpt["model"])
+    r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
+                   "--out", tmp_path / "res", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "space-to-depth W-Net base 2, top 5" in r.stdout
+
+
 def test_corrupt_scores_degraded_photographs(tested, trained, tmp_path):
     """test.py --corrupt noise12: the photographs (first panel of side/) are degraded, the truth
     and the FOV are not, and the run is labelled as corrupted."""
@@ -182,6 +196,7 @@ def test_default_recipe_is_the_s2d_unet_with_a_wider_top():
     assert train.get_args(["--base", "4"]).top == 10  # 2.5x --base for s2d
     assert train.get_args(["--top-width", "24"]).top == 24
     assert train.get_args(["--arch", "unet"]).top is None  # the U-Net keeps --base
+    assert train.get_args(["--arch", "s2dw"]).top == 40  # the cascade's first stage is the default network
 
 
 def test_ema_update_known_answers_and_rounding():
