@@ -137,18 +137,16 @@ class S2DUNet(nn.Module):
         return self.refine(torch.cat([y, x], dim=1))  # (N, refine + C, H, W) -> (N, out, H, W)
 
 
-class WNet(nn.Module):
-    """Two U-Nets in cascade (Galdran et al., 2022): the second sees the image and the
+class Cascade(nn.Module):
+    """Two networks in cascade (Galdran et al., 2022): the second sees the image and the
     first's vessel probabilities, and refines them. Returns the second's logits
     (N, out_ch, H, W); with return_all=True also the first's, to supervise both."""
 
-    multiple = MULTIPLE
-
-    def __init__(self, in_ch=3, out_ch=1, base=8):
+    def __init__(self, in_ch, first, second):
         super().__init__()
         self.in_ch = in_ch
-        self.first = UNet(in_ch, out_ch, base)
-        self.second = UNet(in_ch + out_ch, out_ch, base)
+        self.first = first
+        self.second = second
 
     def forward(self, x, return_all=False):
         first = self.first(x)
@@ -156,19 +154,25 @@ class WNet(nn.Module):
         return (first, second) if return_all else second
 
 
-class S2DWNet(WNet):
+class WNet(Cascade):
+    """The W-Net: two U-Nets of the same width in cascade."""
+
+    multiple = MULTIPLE
+
+    def __init__(self, in_ch=3, out_ch=1, base=8):
+        super().__init__(in_ch, UNet(in_ch, out_ch, base), UNet(in_ch + out_ch, out_ch, base))
+
+
+class S2DWNet(Cascade):
     """The W-Net's cascade with space-to-depth U-Nets: the first as train.py's --arch s2d
-    builds it (base, top), the second half as wide (base // 2, its finest level base wide),
-    seeing the image and the first's probabilities. At base 16 a training step costs ~1.34x
-    the first's alone. H and W must be multiples of 32."""
+    builds it (base, top), the second half as wide (base // 2, its finest level base wide).
+    At base 16 a training step costs ~1.34x the first's alone. H and W must be multiples of 32."""
 
     multiple = S2DUNet.multiple
 
     def __init__(self, in_ch=3, out_ch=1, base=16, top=None):
-        nn.Module.__init__(self)
-        self.in_ch = in_ch
-        self.first = S2DUNet(in_ch, out_ch, base, top)
-        self.second = S2DUNet(in_ch + out_ch, out_ch, max(1, base // 2), top=base)
+        super().__init__(in_ch, S2DUNet(in_ch, out_ch, base, top),
+                         S2DUNet(in_ch + out_ch, out_ch, max(1, base // 2), top=base))
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
-from model import WNet, count_parameters, pad_to_multiple  # noqa: E402
+from model import Cascade, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
 from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, best_threshold,  # noqa: E402
                    bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device,
@@ -213,7 +213,7 @@ def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
         optimizer.zero_grad(set_to_none=True)
         # logits (N,1,crop,crop); a cascade is supervised at both stages
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(image, return_all=True) if isinstance(model, WNet) else (model(image),)
+            outputs = model(image, return_all=True) if isinstance(model, Cascade) else (model(image),)
         loss = sum(loss_fn(logits.float(), mask, fov) for logits in outputs)
         loss.backward()
         optimizer.step()
