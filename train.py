@@ -194,10 +194,17 @@ def ema_update(decay):
 
 
 def inference_copy(state):
-    """The part of a checkpoint that test.py and predict.py need, weights stored as fp16:
-    an eighth of last.pt's size (no optimizer, no second copy), the same scores to 4 decimals."""
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
+    """The part of a checkpoint that test.py and predict.py need, weights stored as fp16 where
+    fp16 holds them: an eighth of last.pt's size (no optimizer, no second copy). A tensor with
+    values beyond fp16's range (65504) stays fp32: BatchNorm's running variances reach 1e6 in
+    the deep layers, and as fp16 infinities they would silence their channels."""
+    weights = {k: v.half() if v.is_floating_point() and fits_fp16(v) else v for k, v in state["model"].items()}
     return {"model": weights, **{k: state[k] for k in ("config", "epoch", "threshold", "tta", "val_f1")}}
+
+
+def fits_fp16(tensor):
+    """Whether every value of a floating-point tensor is within fp16's finite range."""
+    return bool(tensor.abs().max() <= torch.finfo(torch.float16).max) if tensor.numel() else True
 
 
 # ---------------------------------------------------------------- one epoch

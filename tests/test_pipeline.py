@@ -261,3 +261,27 @@ def test_int8_inference_scores_like_fp32(tested, trained, tmp_path):
     r = run_script("predict.py", image, "--precision", "int8", "--out", tmp_path / "pred", cwd=trained)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "pred" / f"{image.stem}_mask.png").is_file()
+
+
+def test_inference_copy_keeps_what_fp16_cannot_hold():
+    """model.pt stores weights as fp16, but a BatchNorm variance beyond fp16's range (trained
+    networks reach 1e6) stays fp32: as an fp16 infinity it would silence its channel."""
+    import train
+    from model import S2DUNet
+    from utils import inference_model
+    torch.manual_seed(0)
+    net = S2DUNet(base=2, top=4).eval()
+    bn = net.net.decoders[0].conv.body[1]
+    bn.running_var[:2] = torch.tensor([1.2e6, 7.0e4])  # a channel with activations of std ~1000
+    bn.running_mean[:2] = torch.tensor([300.0, -80.0])
+    cfg = {"arch": "s2d", "base": 2, "top": 4, "in_ch": 3}
+    copy = train.inference_copy({"model": net.state_dict(), "config": cfg, "epoch": 1, "threshold": 0.5,
+                                 "tta": 1, "val_f1": 0.0})
+    key = "net.decoders.0.conv.body.1.running_var"
+    assert copy["model"][key].dtype == torch.float32 and torch.equal(copy["model"][key], bn.running_var)
+    assert copy["model"]["net.head.weight"].dtype == torch.float16
+    assert not train.fits_fp16(torch.tensor([65520.0])) and train.fits_fp16(torch.tensor([-65504.0]))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = net(x), inference_model(copy, "model.pt")(x)
+    assert torch.allclose(out, ref, atol=1e-2 * ref.std().item()), (out - ref).abs().max()
