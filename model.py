@@ -64,22 +64,26 @@ class Decoder(nn.Module):
 class UNet(nn.Module):
     """U-Net returning logits (N, out_ch, H, W) for input (N, in_ch, H, W).
 
-    H and W must be multiples of 16; pad with `pad_to_multiple` first. top: the width of the
-    first (finest) level instead of base, the others unchanged (None: base).
+    H and W must be multiples of 2**depth (16); pad with `pad_to_multiple` first. top: the width
+    of the first (finest) level instead of base, the others unchanged (None: base). depth: the
+    number of down-samplings (4, the paper's; fewer drop the coarsest levels).
     """
-    multiple = MULTIPLE
+    multiple = MULTIPLE  # of the default depth; an instance's own is 2**depth
 
-    def __init__(self, in_ch=3, out_ch=1, base=64, top=None):
+    def __init__(self, in_ch=3, out_ch=1, base=64, top=None, depth=DEPTH):
         super().__init__()
         if base < 1 or (top is not None and top < 1):
             raise ValueError(f"widths must be >= 1, got base {base}, top {top}")
-        w = [base * 2 ** i for i in range(DEPTH + 1)]  # base=64: 64,128,256,512,1024
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        w = [base * 2 ** i for i in range(depth + 1)]  # base=64, depth 4: 64,128,256,512,1024
         w[0] = top or base
         self.in_ch = in_ch
+        self.multiple = 2 ** depth
         self.encoders = nn.ModuleList(
-            Encoder(c_in, c_out) for c_in, c_out in zip([in_ch] + w[:3], w[:4]))
-        self.bottleneck = ConvBlock(w[3], w[4])
-        self.decoders = nn.ModuleList(Decoder(w[i + 1], w[i]) for i in reversed(range(DEPTH)))
+            Encoder(c_in, c_out) for c_in, c_out in zip([in_ch] + w[:depth - 1], w[:depth]))
+        self.bottleneck = ConvBlock(w[depth - 1], w[depth])
+        self.decoders = nn.ModuleList(Decoder(w[i + 1], w[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(w[0], out_ch, kernel_size=1)
 
     def forward(self, x):
@@ -111,7 +115,7 @@ class S2DUNet(nn.Module):
     of 32."""
     multiple = 2 * MULTIPLE
 
-    def __init__(self, in_ch=3, out_ch=1, base=16, top=None, refine=0):
+    def __init__(self, in_ch=3, out_ch=1, base=16, top=None, refine=0, depth=DEPTH):
         super().__init__()
         if refine < 0:
             raise ValueError(f"refine must be >= 0, got {refine}")
@@ -119,7 +123,8 @@ class S2DUNet(nn.Module):
         # refine > 0: the half-resolution net ends in 4 * refine features instead of logits;
         # pixel_shuffle makes them `refine` channels at full resolution, which one 3x3 block
         # there (with the image beside them) turns into logits: a full-resolution stage
-        self.net = UNet(4 * in_ch, 4 * (refine or out_ch), base, top)
+        self.net = UNet(4 * in_ch, 4 * (refine or out_ch), base, top, depth)
+        self.multiple = 2 * self.net.multiple
         self.refine = nn.Sequential(
             nn.ReLU(),
             nn.Conv2d(refine + in_ch, refine, 3, padding=1, bias=False),

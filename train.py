@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
-from model import Cascade, count_parameters, pad_to_multiple  # noqa: E402
+from model import DEPTH, Cascade, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
 from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, best_threshold,  # noqa: E402
                    bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device,
@@ -107,6 +107,9 @@ def get_args(argv=None):
                         "resolution net) that one 3x3 block, with the image beside them, turns into "
                         "the logits: a full-resolution stage for thin vessels; 0: none. --top-width 32 "
                         "--refine 8, screened against the default, did not gain (README)")
+    p.add_argument("--depth", type=int, default=DEPTH,
+                   help="down-samplings of the U-Net (unet, s2d): 4 is the paper's; fewer drop its "
+                        "coarsest levels")
     p.add_argument("--norm", choices=tuple(NORMS), default="clahe", help="image contrast normalisation")
     p.add_argument("--ema", type=float, default=0.99,
                    help="decay of the moving average of the weights that is validated and saved "
@@ -144,7 +147,9 @@ def get_args(argv=None):
         p.error(f"--refine must be 0 or more and is for --arch s2d, got {args.refine} for {args.arch}")
     if args.top is None and args.arch in ("s2d", "s2dw"):
         args.top = round(S2D_TOP * args.base)
-    multiple = ARCHS[args.arch].multiple
+    if args.depth < 1 or (args.depth != DEPTH and args.arch not in ("unet", "s2d")):
+        p.error(f"--depth must be at least 1 and is for --arch unet or s2d, got {args.depth} for {args.arch}")
+    multiple = ARCHS[args.arch].multiple * 2 ** (args.depth - DEPTH)
     if args.crop % multiple or args.crop < multiple:
         p.error(f"--crop must be a positive multiple of {multiple} for --arch {args.arch}, got {args.crop}")
     return args
@@ -360,6 +365,7 @@ def main(argv=None):
     print(f"device {device} {'bf16' if bf16 else 'fp32'} | {cfg['arch']} base {cfg['base']}"
           f"{', top ' + str(cfg['top']) if cfg.get('top') else ''}"
           f"{', refine ' + str(cfg['refine']) if cfg.get('refine') else ''}"
+          f"{', depth ' + str(cfg['depth']) if cfg.get('depth', DEPTH) != DEPTH else ''}"
           f" ({cfg['parameters']:,} parameters) | "
           f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
           f"{len(val_ds.ids)} val{' (trained on too)' if cfg['train_on_val'] else ''} | "

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from model import S2DUNet, S2DWNet, UNet, WNet, fold_batchnorm, pad_to_multiple
+from model import DEPTH, S2DUNet, S2DWNet, UNet, WNet, fold_batchnorm, pad_to_multiple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_WEIGHTS = os.path.join(HERE, "weights", "drive_unet.pt")
@@ -248,6 +248,8 @@ def build_model(cfg):
     kwargs = {"top": cfg["top"]} if cfg.get("top") else {}  # WNet has no top width
     if cfg.get("refine"):  # s2d only; older checkpoints have no such key
         kwargs["refine"] = cfg["refine"]
+    if cfg.get("depth", DEPTH) != DEPTH:  # unet and s2d; older checkpoints have no such key
+        kwargs["depth"] = cfg["depth"]
     return ARCHS[cfg.get("arch", "unet")](in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"], **kwargs)
 
 

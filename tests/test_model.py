@@ -243,3 +243,22 @@ def test_fold_batchnorm_keeps_outputs(net):
 def test_fold_batchnorm_refuses_training_mode():
     with pytest.raises(ValueError, match="model.eval"):
         fold_batchnorm(UNet(base=2).train())
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_shallower_unets_drop_the_coarsest_levels(depth):
+    """depth: how many times the U-Net halves the resolution; inputs are multiples of 2**depth
+    (twice that for the space-to-depth U-Net), and the widths stop at base * 2**depth."""
+    unet, s2d = UNet(base=4, depth=depth), S2DUNet(base=4, top=10, depth=depth)
+    assert (unet.multiple, s2d.multiple) == (2 ** depth, 2 ** (depth + 1))
+    assert len(unet.encoders) == len(unet.decoders) == depth
+    assert unet.bottleneck.body[0].out_channels == 4 * 2 ** depth
+    assert count_parameters(S2DUNet(base=16, top=40, depth=depth)) < count_parameters(S2DUNet(base=16, top=40))
+    size = 2 ** (depth + 1) * 3
+    with torch.no_grad():
+        assert unet(torch.rand(1, 3, size, size)).shape == (1, 1, size, size)
+        assert s2d.eval()(torch.rand(1, 3, size, 2 * size)).shape == (1, 1, size, 2 * size)
+    with pytest.raises(ValueError, match=f"not a multiple of {2 ** (depth + 1)}"):
+        s2d(torch.rand(1, 3, 2 ** depth * 3, size))
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        UNet(base=4, depth=0)

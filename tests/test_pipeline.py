@@ -132,6 +132,21 @@ def test_s2d_trains_and_predicts(synthetic, tmp_path):
     assert (tmp_path / "pred" / f"{image.stem}_mask.png").is_file()
 
 
+def test_shallower_s2d_trains_and_tests(synthetic, tmp_path):
+    """--depth 2: the checkpoint carries it, and test.py rebuilds the shallower network."""
+    r = run_script("train.py", "--data", synthetic / "data", "--crop", 24, "--base", 2, "--max-steps", 2,
+                   "--depth", 2, "--precision", "fp32", "--no-tta", "--out", tmp_path / "s", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "depth 2" in r.stdout
+    ckpt = torch.load(tmp_path / "s" / "model.pt", weights_only=False)
+    assert ckpt["config"]["depth"] == 2 and "net.encoders.1.conv.body.0.weight" in ckpt["model"]
+    assert "net.encoders.2.conv.body.0.weight" not in ckpt["model"]
+    r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
+                   "--out", tmp_path / "res", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "space-to-depth U-Net base 2, top 5, depth 2" in r.stdout
+
+
 def test_s2d_cascade_trains_and_tests(synthetic, tmp_path):
     """--arch s2dw (two space-to-depth U-Nets in cascade) trains, and test.py rebuilds it from
     the checkpoint."""
@@ -197,6 +212,10 @@ def test_default_recipe_is_the_s2d_unet_with_a_wider_top():
     assert train.get_args(["--top-width", "24"]).top == 24
     assert train.get_args(["--arch", "unet"]).top is None  # the U-Net keeps --base
     assert train.get_args(["--arch", "s2dw"]).top == 40  # the cascade's first stage is the default network
+    assert train.get_args([]).depth == 4 and train.get_args(["--depth", "2", "--crop", "248"]).crop == 248
+    for bad in (["--arch", "wnet", "--depth", "3"], ["--depth", "0"], ["--depth", "3", "--crop", "248"]):
+        with pytest.raises(SystemExit):
+            train.get_args(bad)
 
 
 def test_ema_update_known_answers_and_rounding():
