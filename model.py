@@ -112,7 +112,7 @@ class S2DUNet(nn.Module):
     half its time on a CPU with native bf16. refine=R adds a full-resolution stage: the net
     ends in 4R maps instead of logits, pixel_shuffle makes them R at full resolution, and one 3x3
     conv block over them (after a ReLU) and the image gives the logits. H and W must be multiples
-    of 32."""
+    of 2**(depth + 1): 32 at the default depth 4."""
     multiple = 2 * MULTIPLE
 
     def __init__(self, in_ch=3, out_ch=1, base=16, top=None, refine=0, depth=DEPTH):

@@ -66,7 +66,8 @@ def get_args(argv=None):
                    help="crops per optimizer step; 2 passed the held-out screens against 4 (each "
                         "epoch ~1.1x the time, so the default runs 108 epochs, not 4's 120; README)")
     p.add_argument("--crop", type=int, default=256,
-                   help="side of the random training crops (multiple of 16; of 32 for --arch s2d and s2dw)")
+                   help="side of the random training crops (multiple of 16; of 32 for --arch s2d and s2dw; "
+                        "at --depth D, of 2**D and 2**(D+1))")
     p.add_argument("--crops-per-image", type=int, default=13,
                    help="crops drawn from each training image per epoch")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
