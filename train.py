@@ -150,9 +150,10 @@ def get_args(argv=None):
         args.top = round(S2D_TOP * args.base)
     if args.depth < 1 or (args.depth != DEPTH and args.arch not in ("unet", "s2d")):
         p.error(f"--depth must be at least 1 and is for --arch unet or s2d, got {args.depth} for {args.arch}")
-    multiple = ARCHS[args.arch].multiple * 2 ** (args.depth - DEPTH)
+    multiple = ARCHS[args.arch].multiple * 2 ** args.depth // 2 ** DEPTH  # the class's is at DEPTH
     if args.crop % multiple or args.crop < multiple:
-        p.error(f"--crop must be a positive multiple of {multiple} for --arch {args.arch}, got {args.crop}")
+        p.error(f"--crop must be a positive multiple of {multiple} for --arch {args.arch} at --depth "
+                f"{args.depth}, got {args.crop}")
     return args
 
 

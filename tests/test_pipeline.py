@@ -216,6 +216,8 @@ def test_default_recipe_is_the_s2d_unet_with_a_wider_top():
     for bad in (["--arch", "wnet", "--depth", "3"], ["--depth", "0"], ["--depth", "3", "--crop", "248"]):
         with pytest.raises(SystemExit):
             train.get_args(bad)
+    r = run_script("train.py", "--depth", 2, "--crop", 250, cwd=".")
+    assert r.returncode == 2 and "multiple of 8 for --arch s2d at --depth 2, got 250" in r.stderr, r.stderr
 
 
 def test_ema_update_known_answers_and_rounding():
