@@ -95,7 +95,7 @@ def test_missing_checkpoint(synthetic, tmp_path):
 def test_bad_cli_values(tmp_path):
     r = run_script("train.py", "--arch", "unet", "--crop", 100, cwd=tmp_path)
     assert r.returncode != 0 and "--crop must be a positive multiple of 16" in r.stderr
-    r = run_script("train.py", "--arch", "s2d", "--crop", 48, cwd=tmp_path)
+    r = run_script("train.py", "--arch", "s2d", "--depth", 4, "--crop", 48, cwd=tmp_path)
     assert r.returncode != 0 and "--crop must be a positive multiple of 32 for --arch s2d" in r.stderr
     r = run_script("train.py", "--arch", "unet", "--refine", 8, cwd=tmp_path)
     assert r.returncode != 0 and "--refine must be 0 or more and is for --arch s2d" in r.stderr

@@ -132,10 +132,11 @@ def test_s2d_trains_and_predicts(synthetic, tmp_path):
     assert (tmp_path / "pred" / f"{image.stem}_mask.png").is_file()
 
 
-def test_shallower_s2d_trains_and_tests(synthetic, tmp_path):
-    """--depth 2: the checkpoint carries it, and test.py rebuilds the shallower network."""
+def test_default_s2d_is_two_levels_deep(synthetic, tmp_path):
+    """The default s2d halves its input twice (--depth 2, crops of 8s): the checkpoint carries the
+    depth, and test.py rebuilds the shallower network."""
     r = run_script("train.py", "--data", synthetic / "data", "--crop", 24, "--base", 2, "--max-steps", 2,
-                   "--depth", 2, "--precision", "fp32", "--no-tta", "--out", tmp_path / "s", cwd=tmp_path)
+                   "--precision", "fp32", "--no-tta", "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "depth 2" in r.stdout
     ckpt = torch.load(tmp_path / "s" / "model.pt", weights_only=False)
@@ -212,11 +213,14 @@ def test_default_recipe_is_the_s2d_unet_with_a_wider_top():
     assert train.get_args(["--top-width", "24"]).top == 24
     assert train.get_args(["--arch", "unet"]).top is None  # the U-Net keeps --base
     assert train.get_args(["--arch", "s2dw"]).top == 40  # the cascade's first stage is the default network
-    assert train.get_args([]).depth == 4 and train.get_args(["--depth", "2", "--crop", "248"]).crop == 248
-    for bad in (["--arch", "wnet", "--depth", "3"], ["--depth", "0"], ["--depth", "3", "--crop", "248"]):
+    assert train.get_args([]).depth == 2 and train.get_args(["--crop", "248"]).crop == 248  # s2d: 2
+    assert train.get_args(["--arch", "unet"]).depth == train.get_args(["--arch", "s2dw"]).depth == 4
+    assert train.get_args(["--depth", "4", "--crop", "224"]).depth == 4
+    for bad in (["--arch", "wnet", "--depth", "3"], ["--depth", "0"], ["--depth", "3", "--crop", "248"],
+                ["--depth", "4", "--crop", "248"], ["--arch", "unet", "--crop", "248"]):
         with pytest.raises(SystemExit):
             train.get_args(bad)
-    r = run_script("train.py", "--depth", 2, "--crop", 250, cwd=".")
+    r = run_script("train.py", "--crop", 250, cwd=".")
     assert r.returncode == 2 and "multiple of 8 for --arch s2d at --depth 2, got 250" in r.stderr, r.stderr
 
 
