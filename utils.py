@@ -448,6 +448,11 @@ def int8_ranges(model, inputs):
     return ranges
 
 
+def int8_levels():
+    """Activation steps for int8 on this CPU: 256 with VNNI, else 128 (see _int8_mapping)."""
+    return 256 if {"avx512_vnni", "avx_vnni"} & (cpu_flags() or set()) else 128
+
+
 def quantize_int8(model, ranges, path="checkpoint", levels=None):
     """`model` (eval, BatchNorm folded, CPU) quantized to int8 over the calibrated `ranges`."""
     from torch.ao.quantization.observer import MinMaxObserver
@@ -456,7 +461,7 @@ def quantize_int8(model, ranges, path="checkpoint", levels=None):
         raise UserError("--precision int8 needs an x86 CPU (PyTorch's x86 quantized engine); use fp32")
     torch.backends.quantized.engine = "x86"
     if levels is None:
-        levels = 256 if {"avx512_vnni", "avx_vnni"} & (cpu_flags() or set()) else 128
+        levels = int8_levels()
     example = torch.zeros(1, model.in_ch, model.multiple, model.multiple)
     _silence_quantization_notices()
     observed = prepare_fx(copy.deepcopy(model), _int8_mapping(MinMaxObserver, levels), (example,))

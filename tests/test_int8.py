@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from model import S2DUNet, UNet, fold_batchnorm
-from utils import UserError, int8_ranges, load_model, quantize_int8, torch_save
+from utils import UserError, int8_levels, int8_ranges, load_model, quantize_int8, torch_save
 
 pytestmark = pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines,
                                 reason="int8 inference needs PyTorch's x86 quantized engine")
@@ -42,23 +42,27 @@ def test_int8_follows_fp32(net, kw):
     with torch.no_grad():
         ref, out = model(x), quantized(x)
     assert out.shape == ref.shape and out.dtype == torch.float32
-    # 8-bit activations: errors of a few hundredths of the logits' spread (base 4: ~5%), not another map
-    assert (out - ref).abs().mean() < 0.1 * ref.std(), ((out - ref).abs().mean(), ref.std())
+    # 8-bit activations (VNNI CPUs): errors of a few hundredths of the logits' spread (base 4:
+    # ~5%), not another map; 7-bit ones (elsewhere) have twice the step (the U-Net: ~10%)
+    bound = 0.1 * 256 / int8_levels()
+    assert (out - ref).abs().mean() < bound * ref.std(), ((out - ref).abs().mean(), ref.std())
     assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99
 
 
 def test_stored_ranges_rebuild_the_calibrated_network():
     """The ranges are all a checkpoint keeps: quantizing twice from them gives the same network
-    bit for bit, and 7-bit activations (CPUs without VNNI) stay close to 8-bit ones."""
+    bit for bit, and 7-bit activations (CPUs without VNNI) stay close to fp32. (8-bit ones are
+    not compared with them: without VNNI fbgemm's 16-bit pair sums can saturate on them.)"""
     model = trained_like(S2DUNet, top=8)
     ranges = int8_ranges(model, smooth_images(4, 2))
     assert ranges and all(lo <= 0 <= hi for lo, hi in ranges.values())
     x = smooth_images(1, 3)[0]
     with torch.no_grad():
-        a, b = quantize_int8(model, ranges, levels=256)(x), quantize_int8(model, ranges, levels=256)(x)
+        ref = model(x)
+        a, b = quantize_int8(model, ranges)(x), quantize_int8(model, ranges)(x)
         seven = quantize_int8(model, ranges, levels=128)(x)
     assert torch.equal(a, b)
-    assert (seven - a).abs().mean() < 0.05 * a.std()
+    assert (seven - ref).abs().mean() < 0.05 * ref.std(), ((seven - ref).abs().mean(), ref.std())
 
 
 def test_ranges_of_another_network_rejected():
