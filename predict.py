@@ -216,11 +216,13 @@ def segment(model, rgb, fov, norm, target, args, device, options):
     """Vessel probabilities float32 (H,W) in [0,1], zero outside fov, for uint8 (H,W,3)."""
     h, w = rgb.shape[:2]
     factor = rescale_factor(fov, target)
+    net_fov = fov
     if factor != 1.0:
         size = (max(1, round(w * factor)), max(1, round(h * factor)))  # (W, H) for cv2
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+        net_fov = cv2.resize(fov.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     # normalise at the network's scale, as in training: CLAHE tiles depend on the size
-    x = to_tensor_image(normalize_image(rgb, norm, args.denoise)).to(device)  # (3, h', w')
+    x = to_tensor_image(normalize_image(rgb, norm, args.denoise, net_fov)).to(device)  # (3, h', w')
     tta, bf16 = options
     box = scale_box(fov_box(fov), factor, factor)  # the FOV's box at the network's scale
     probs = predict_probs(model, x, tta=tta, tile=args.tile, overlap=min(64, args.tile // 4), bf16=bf16,

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset  # noqa: E402
 
 from utils import UserError, read_image, read_mask, to_tensor_image  # noqa: E402
 
-NORMS = {"rgb": 3, "clahe": 3, "green": 1}  # normalisation -> channels it feeds the network
+NORMS = {"rgb": 3, "clahe": 3, "green": 1, "clahe-fill": 3}  # normalisation -> channels it feeds the network
 
 
 NOISE_FLOOR = 2.0  # grey levels; DRIVE's photographs estimate 0.6-1.35 (noise_sigma) and pass unchanged
@@ -46,19 +46,45 @@ def denoise_photo(rgb):
     return cv2.bilateralFilter(np.ascontiguousarray(rgb), 5, 3 * sigma, 2)
 
 
-def normalize_image(rgb, norm, denoise=True):
+def fill_outside(rgb, fov, levels=6):
+    """uint8 (H,W,3): the photograph with everything outside the FOV (H,W) replaced by a smooth
+    continuation of the fundus, so the FOV's rim is no longer a bright-to-black edge that contrast
+    normalisation sharpens into a vessel-like curve. Push-pull: FOV-weighted Gaussian pyramids
+    (levels deep), then coarse to fine each level keeps its own weighted mean where the FOV
+    covers enough of its window and takes the coarser level's elsewhere. The FOV is eroded by
+    2 px first, as the rim's last pixels are half dark."""
+    inside = cv2.erode(fov.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    num = rgb.astype(np.float32) * inside[..., None]  # (H,W,3)
+    den = inside.astype(np.float32)  # (H,W): the fraction of each Gaussian window inside
+    pyramid = [(num, den)]
+    for _ in range(levels):
+        num, den = cv2.pyrDown(num), cv2.pyrDown(den)
+        pyramid.append((num, den))
+    est = num / np.maximum(den, 1e-6)[..., None]
+    for num, den in reversed(pyramid[:-1]):
+        up = cv2.pyrUp(est, dstsize=(num.shape[1], num.shape[0]))
+        weight = np.clip(2 * den, 0, 1)[..., None]
+        est = weight * num / np.maximum(den, 1e-6)[..., None] + (1 - weight) * up
+    return np.where(inside[..., None], rgb, np.clip(est, 0, 255).round().astype(np.uint8))
+
+
+def normalize_image(rgb, norm, denoise=True, fov=None):
     """Contrast normalisation applied before the network, in training and inference.
 
     rgb: uint8 (H,W,3) -> uint8 (H,W,NORMS[norm]). 'clahe' equalises local contrast
     of the lightness channel, which evens out illumination and camera differences while
     keeping colour; 'green' keeps only the green channel (where vessels contrast most),
-    contrast-equalised the same way. With `denoise`, a noisy photograph is smoothed first
-    (denoise_photo).
+    contrast-equalised the same way; 'clahe-fill' is 'clahe' after fill_outside, and needs the
+    FOV mask fov (H,W). With `denoise`, a noisy photograph is smoothed first (denoise_photo).
     """
     if norm not in NORMS:
         raise ValueError(f"unknown normalisation {norm!r}; expected one of {tuple(NORMS)}")
     if denoise:
         rgb = denoise_photo(rgb)
+    if norm == "clahe-fill":
+        if fov is None:
+            raise ValueError("normalisation 'clahe-fill' needs the FOV mask")
+        rgb, norm = fill_outside(rgb, fov), "clahe"
     if norm == "rgb":
         return rgb
     clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
@@ -200,11 +226,10 @@ class DriveDataset(Dataset):
         if item not in self.cache:
             root, sid = item
             image, mask, fov = (os.path.join(root, kind, f"{sid}.png") for kind in ("images", "masks", "fov"))
-            rgb = read_image(image, "RGB")
+            rgb, fov = read_image(image, "RGB"), read_mask(fov).astype(np.uint8)
             if self.degrade:
                 self.raw[item] = rgb
-            self.cache[item] = (normalize_image(rgb, self.norm),
-                                read_mask(mask).astype(np.uint8), read_mask(fov).astype(np.uint8))
+            self.cache[item] = (normalize_image(rgb, self.norm, fov=fov), read_mask(mask).astype(np.uint8), fov)
         return self.cache[item]
 
     def __getitem__(self, index):
@@ -214,7 +239,7 @@ class DriveDataset(Dataset):
         image, mask, fov = self.load(item)
         # whether to degrade: a function of (seed, index) alone, whatever the worker
         if self.degrade and np.random.default_rng([self.seed, index]).random() < self.degrade:
-            image = normalize_image(self.degrader(image=self.raw[item])["image"], self.norm)
+            image = normalize_image(self.degrader(image=self.raw[item])["image"], self.norm, fov=fov)
         if self.soft_labels:  # uint8 0/1 would round the bilinear fractions back to 0 or 1
             mask, fov = mask.astype(np.float32), fov.astype(np.float32)
         if self.transform is not None:

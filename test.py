@@ -140,7 +140,7 @@ def evaluate(model, ckpt, args, device, out):
             image = CORRUPTIONS[args.corrupt](image, k)  # (H,W,3) uint8, seeded by the image's index
         truth = read_mask(os.path.join(root, "masks", f"{sid}.png"))
         fov = read_mask(os.path.join(root, "fov", f"{sid}.png"))
-        x = to_tensor_image(normalize_image(image, cfg["norm"], args.denoise)).to(device)
+        x = to_tensor_image(normalize_image(image, cfg["norm"], args.denoise, fov)).to(device)
         box = fov_box(fov)  # only the FOV's surroundings go through the network
         if k == 0:  # warm-up: first calls allocate and pick kernels
             for _ in range(2):

@@ -115,7 +115,9 @@ def get_args(argv=None):
                    help="down-samplings of the U-Net (unet, s2d): 4 is the paper's; fewer drop its "
                         f"coarsest levels (default: {S2D_DEPTH} for s2d, which scored above 4 held out "
                         f"in less time (README); {DEPTH} for the others)")
-    p.add_argument("--norm", choices=tuple(NORMS), default="clahe", help="image contrast normalisation")
+    p.add_argument("--norm", choices=tuple(NORMS), default="clahe",
+                   help="image contrast normalisation (default: clahe; clahe-fill: clahe after the outside "
+                        "of the FOV is filled with a smooth continuation of the fundus)")
     p.add_argument("--ema", type=float, default=0.99,
                    help="decay of the moving average of the weights that is validated and saved "
                         "(0 turns it off)")

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import REAL_DRIVE
-from preprocess import CORRUPTIONS, NOISE_FLOOR, DriveDataset, denoise_photo, noise_sigma, normalize_image
+from preprocess import (CORRUPTIONS, NOISE_FLOOR, DriveDataset, denoise_photo, fill_outside, noise_sigma,
+                        normalize_image)
 
 
 def check_prepared(data, n_train, n_val, n_test, size):
@@ -210,3 +211,38 @@ def test_drive_photographs_are_not_denoised():
     assert len(paths) == 40
     sigmas = [noise_sigma(read_image(path, "RGB")) for path in paths]
     assert 0.3 < min(sigmas) and max(sigmas) < NOISE_FLOOR
+
+
+def disc_photo(size=96, radius=40):
+    """A fundus-like uint8 (size,size,3) photograph: a disc of colour (150, 80, 40) with a dark
+    vertical vessel through it, black outside; and its FOV mask (size,size) of 0/1."""
+    yy, xx = np.mgrid[:size, :size]
+    fov = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < radius ** 2).astype(np.uint8)
+    rgb = np.zeros((size, size, 3), np.uint8)
+    rgb[fov.astype(bool)] = (150, 80, 40)
+    rgb[fov.astype(bool) & (abs(xx - size // 2) < 2)] = (90, 40, 20)
+    return rgb, fov
+
+
+def test_fill_outside_continues_the_fundus():
+    """Known answer: inside the FOV (3 px in from its rim) the photograph is untouched; outside,
+    far from the vessel, the fill is the fundus colour instead of black."""
+    rgb, fov = disc_photo()
+    out = fill_outside(rgb, fov)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    yy, xx = np.mgrid[:96, :96]
+    kept = (yy - 48) ** 2 + (xx - 48) ** 2 < 37 ** 2  # the FOV 3 px in from its rim
+    assert np.array_equal(out[kept], rgb[kept])
+    corner = out[:10, :10].reshape(-1, 3).astype(float)
+    assert np.abs(corner - (150, 80, 40)).max() <= 3
+
+
+def test_clahe_fill_normalisation():
+    """'clahe-fill' needs the FOV; it changes the image only by what the fill changes, so a
+    photograph whose outside is already the fill normalises the same with either."""
+    rgb, fov = disc_photo()
+    with pytest.raises(ValueError, match="FOV"):
+        normalize_image(rgb, "clahe-fill")
+    filled = fill_outside(rgb, fov)
+    assert np.array_equal(normalize_image(rgb, "clahe-fill", fov=fov), normalize_image(filled, "clahe"))
+    assert not np.array_equal(normalize_image(rgb, "clahe-fill", fov=fov), normalize_image(rgb, "clahe"))
