@@ -18,9 +18,13 @@ MULTIPLE = 2 ** DEPTH
 
 
 class ConvBlock(nn.Module):
-    """Two 3x3 conv -> BN -> ReLU; keeps the spatial size (padding=1)."""
+    """Two 3x3 conv -> BN -> ReLU; keeps the spatial size (padding=1).
 
-    def __init__(self, in_ch, out_ch):
+    residual=True adds the first ReLU's output (already out_ch wide) to the second BN's output
+    before the last ReLU (He et al., 2016): an identity path over the second convolution that
+    eases optimisation, for one elementwise add and no parameters."""
+
+    def __init__(self, in_ch, out_ch, residual=False):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
@@ -30,17 +34,22 @@ class ConvBlock(nn.Module):
             nn.BatchNorm2d(out_ch),
             nn.ReLU(inplace=True),
         )
+        self.residual = residual
 
     def forward(self, x):
-        return self.body(x)
+        if not self.residual:
+            return self.body(x)
+        conv1, bn1, relu1, conv2, bn2, relu2 = self.body  # the same modules, named (torch.fx traces them)
+        y = relu1(bn1(conv1(x)))  # (N, out_ch, H, W)
+        return relu2(y + bn2(conv2(y)))
 
 
 class Encoder(nn.Module):
     """ConvBlock then 2x2 max-pool; returns (skip, pooled)."""
 
-    def __init__(self, in_ch, out_ch):
+    def __init__(self, in_ch, out_ch, residual=False):
         super().__init__()
-        self.conv = ConvBlock(in_ch, out_ch)
+        self.conv = ConvBlock(in_ch, out_ch, residual)
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x):
@@ -51,10 +60,10 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """2x transposed-conv up-sampling, concatenation with the skip, ConvBlock."""
 
-    def __init__(self, in_ch, out_ch):
+    def __init__(self, in_ch, out_ch, residual=False):
         super().__init__()
         self.up = nn.ConvTranspose2d(in_ch, out_ch, kernel_size=2, stride=2)
-        self.conv = ConvBlock(2 * out_ch, out_ch)
+        self.conv = ConvBlock(2 * out_ch, out_ch, residual)
 
     def forward(self, x, skip):
         x = self.up(x)
@@ -66,11 +75,12 @@ class UNet(nn.Module):
 
     H and W must be multiples of 2**depth (16); pad with `pad_to_multiple` first. top: the width
     of the first (finest) level instead of base, the others unchanged (None: base). depth: the
-    number of down-samplings (4, the paper's; fewer drop the coarsest levels).
+    number of down-samplings (4, the paper's; fewer drop the coarsest levels). residual: every
+    conv block residual (ConvBlock).
     """
     multiple = MULTIPLE  # of the default depth; an instance's own is 2**depth
 
-    def __init__(self, in_ch=3, out_ch=1, base=64, top=None, depth=DEPTH):
+    def __init__(self, in_ch=3, out_ch=1, base=64, top=None, depth=DEPTH, residual=False):
         super().__init__()
         if base < 1 or (top is not None and top < 1):
             raise ValueError(f"widths must be >= 1, got base {base}, top {top}")
@@ -81,9 +91,9 @@ class UNet(nn.Module):
         self.in_ch = in_ch
         self.multiple = 2 ** depth
         self.encoders = nn.ModuleList(
-            Encoder(c_in, c_out) for c_in, c_out in zip([in_ch] + w[:depth - 1], w[:depth]))
-        self.bottleneck = ConvBlock(w[depth - 1], w[depth])
-        self.decoders = nn.ModuleList(Decoder(w[i + 1], w[i]) for i in reversed(range(depth)))
+            Encoder(c_in, c_out, residual) for c_in, c_out in zip([in_ch] + w[:depth - 1], w[:depth]))
+        self.bottleneck = ConvBlock(w[depth - 1], w[depth], residual)
+        self.decoders = nn.ModuleList(Decoder(w[i + 1], w[i], residual) for i in reversed(range(depth)))
         self.head = nn.Conv2d(w[0], out_ch, kernel_size=1)
 
     def forward(self, x):
@@ -112,10 +122,10 @@ class S2DUNet(nn.Module):
     half its time on a CPU with native bf16. refine=R adds a full-resolution stage: the net
     ends in 4R maps instead of logits, pixel_shuffle makes them R at full resolution, and one 3x3
     conv block over them (after a ReLU) and the image gives the logits. H and W must be multiples
-    of 2**(depth + 1): 32 at the default depth 4."""
+    of 2**(depth + 1): 32 at the default depth 4. residual: the U-Net's blocks residual."""
     multiple = 2 * MULTIPLE
 
-    def __init__(self, in_ch=3, out_ch=1, base=16, top=None, refine=0, depth=DEPTH):
+    def __init__(self, in_ch=3, out_ch=1, base=16, top=None, refine=0, depth=DEPTH, residual=False):
         super().__init__()
         if refine < 0:
             raise ValueError(f"refine must be >= 0, got {refine}")
@@ -123,7 +133,7 @@ class S2DUNet(nn.Module):
         # refine > 0: the half-resolution net ends in 4 * refine features instead of logits;
         # pixel_shuffle makes them `refine` channels at full resolution, which one 3x3 block
         # there (with the image beside them) turns into logits: a full-resolution stage
-        self.net = UNet(4 * in_ch, 4 * (refine or out_ch), base, top, depth)
+        self.net = UNet(4 * in_ch, 4 * (refine or out_ch), base, top, depth, residual)
         self.multiple = 2 * self.net.multiple
         self.refine = nn.Sequential(
             nn.ReLU(),

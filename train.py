@@ -77,6 +77,8 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4,
                    help="AdamW weight decay; 0.05, held out over 3 seeds, scored level with 1e-4 "
                         "on the validation images (README)")
+    p.add_argument("--beta2", type=float, default=0.999,
+                   help="AdamW's second-moment decay (its averaging horizon is 1/(1-beta2) steps)")
     p.add_argument("--sched", choices=("cosine", "plateau"), default="cosine",
                    help="cosine with linear warm-up (per step), or the blog's ReduceLROnPlateau "
                         "on the validation loss")
@@ -115,6 +117,9 @@ def get_args(argv=None):
                    help="down-samplings of the U-Net (unet, s2d): 4 is the paper's; fewer drop its "
                         f"coarsest levels (default: {S2D_DEPTH} for s2d, which scored above 4 held out "
                         f"in less time (README); {DEPTH} for the others)")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="unet, s2d: residual conv blocks (the block's input added before its last ReLU, "
+                        "through a 1x1 conv where the width changes)")
     p.add_argument("--norm", choices=tuple(NORMS), default="clahe",
                    help="image contrast normalisation (default: clahe; clahe-fill: clahe after the outside "
                         "of the FOV is filled with a smooth continuation of the fundus; screened held out "
@@ -147,12 +152,16 @@ def get_args(argv=None):
         p.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.time_budget is not None and args.time_budget <= 0:
         p.error(f"--time-budget is in minutes and must be positive, got {args.time_budget}")
+    if not 0 < args.beta2 < 1:
+        p.error(f"--beta2 must lie between 0 and 1, got {args.beta2}")
     if not 0 <= args.degrade <= 1:
         p.error(f"--degrade is a fraction of the crops, from 0 to 1; got {args.degrade}")
     if args.top is not None and (args.arch == "wnet" or args.top < 1):
         p.error(f"--top-width must be positive and is for --arch unet, s2d or s2dw, got {args.top} for {args.arch}")
     if args.refine < 0 or (args.refine and args.arch != "s2d"):
         p.error(f"--refine must be 0 or more and is for --arch s2d, got {args.refine} for {args.arch}")
+    if args.residual and args.arch not in ("unet", "s2d"):
+        p.error(f"--residual is for --arch unet or s2d, got {args.arch}")
     if args.top is None and args.arch in ("s2d", "s2dw"):
         args.top = round(S2D_TOP * args.base)
     if args.depth is None:
@@ -173,7 +182,8 @@ def build(cfg, device, steps_per_epoch):
     # the average of the weights over the last ~1/(1-decay) steps, BN statistics included:
     # it scores steadier on validation than the weights of the last step
     ema = AveragedModel(model, multi_avg_fn=ema_update(cfg["ema"]), use_buffers=True) if cfg["ema"] else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                  betas=(0.9, cfg["beta2"]))
     if cfg["sched"] == "cosine":
         warm = max(1, int(cfg["warmup"] * steps_per_epoch))
 
@@ -348,6 +358,8 @@ def main(argv=None):
         cfg.setdefault("degrade", 0.0)
         cfg.setdefault("soft_labels", False)
         cfg.setdefault("time_budget", None)
+        cfg.setdefault("beta2", 0.999)
+        cfg.setdefault("residual", False)
     else:
         cfg = dict(vars(args), epochs=args.epochs or EPOCHS)
     seeding(cfg["seed"])
@@ -377,6 +389,7 @@ def main(argv=None):
           f"{', top ' + str(cfg['top']) if cfg.get('top') else ''}"
           f"{', refine ' + str(cfg['refine']) if cfg.get('refine') else ''}"
           f"{', depth ' + str(cfg['depth']) if cfg.get('depth', DEPTH) != DEPTH else ''}"
+          f"{', residual' if cfg.get('residual') else ''}"
           f" ({cfg['parameters']:,} parameters) | "
           f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
           f"{len(val_ds.ids)} val{' (trained on too)' if cfg['train_on_val'] else ''} | "

@@ -250,6 +250,8 @@ def build_model(cfg):
         kwargs["refine"] = cfg["refine"]
     if cfg.get("depth", DEPTH) != DEPTH:  # unet and s2d; older checkpoints have no such key
         kwargs["depth"] = cfg["depth"]
+    if cfg.get("residual"):  # unet and s2d; older checkpoints have no such key
+        kwargs["residual"] = True
     return ARCHS[cfg.get("arch", "unet")](in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"], **kwargs)
 
 

@@ -1,10 +1,12 @@
 import argparse
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from model import S2DUNet, S2DWNet, UNet, WNet, count_parameters, fold_batchnorm, pad_to_multiple
+from model import (ConvBlock, S2DUNet, S2DWNet, UNet, WNet, count_parameters, fold_batchnorm,
+                   pad_to_multiple)
 from utils import add_tta_args, fov_box, grow_span, predict_probs, tta_views
 
 
@@ -222,7 +224,7 @@ def test_s2d_unet_outputs_pixel_blocks():
             assert torch.equal(out[0, 0, a::2, b::2], half[0, 2 * a + b])
 
 
-@pytest.mark.parametrize("net", [UNet, S2DUNet, WNet, S2DWNet])
+@pytest.mark.parametrize("net", [UNet, S2DUNet, WNet, S2DWNet, partial(S2DUNet, residual=True)])
 def test_fold_batchnorm_keeps_outputs(net):
     torch.manual_seed(0)
     model = net(base=4)
@@ -238,6 +240,22 @@ def test_fold_batchnorm_keeps_outputs(net):
         after = folded(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert torch.allclose(before, after, atol=1e-4), (before - after).abs().max()
+
+
+def test_residual_blocks_add_their_input():
+    plain, res = UNet(base=4, top=6, depth=2), UNet(base=4, top=6, depth=2, residual=True)
+    assert count_parameters(res) == count_parameters(plain)  # an identity path, no parameters
+    block = ConvBlock(3, 4, residual=True).eval()
+    for p in block.body[3:5].parameters():  # a second convolution and BN that output 0
+        torch.nn.init.zeros_(p)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        first = block.body[:3](x)
+        assert first.abs().sum() > 0 and torch.equal(block(x), first)  # relu(first + 0) = first
+        block.body[4].bias.fill_(-1e3)  # the second BN's output far below zero: the sum is clipped
+        assert torch.equal(block(x), torch.zeros_like(first))
+    out = S2DUNet(base=4, top=8, depth=2, residual=True)(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, 1, 64, 64)
 
 
 def test_fold_batchnorm_refuses_training_mode():

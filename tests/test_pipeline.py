@@ -97,13 +97,14 @@ def test_max_steps_smoke_other_options(synthetic, tmp_path):
     """The other model, input and loss options train, and test.py rebuilds them from the checkpoint."""
     r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
                    "--arch", "wnet", "--norm", "green", "--loss", "bce", "--precision", "fp32", "--no-tta",
-                   "--no-train-on-val", "--soft-labels",
+                   "--no-train-on-val", "--soft-labels", "--beta2", 0.95,
                    "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "reached --max-steps 2" in r.stdout and "trained on too" not in r.stdout
     ckpt = torch.load(tmp_path / "s" / "last.pt", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["config"]["in_ch"] == 1 and ckpt["tta"] == 1
     assert ckpt["config"]["soft_labels"] is True
+    assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
     r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
                    "--out", tmp_path / "res", "--precision", "fp32", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -146,6 +147,22 @@ def test_default_s2d_is_two_levels_deep(synthetic, tmp_path):
                    "--out", tmp_path / "res", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "space-to-depth U-Net base 2, top 5, depth 2" in r.stdout
+
+
+def test_residual_s2d_trains_and_tests_in_int8(synthetic, tmp_path):
+    """--residual reaches the checkpoint; test.py rebuilds the network, and its int8 form (traced by
+    torch.fx through the residual blocks) is calibrated by train.py and runs in test.py."""
+    r = run_script("train.py", "--data", synthetic / "data", "--crop", 24, "--base", 2, "--max-steps", 2,
+                   "--residual", "--precision", "fp32", "--no-tta", "--out", tmp_path / "s", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "residual" in r.stdout and "int8 calibrated" in r.stdout
+    assert torch.load(tmp_path / "s" / "model.pt", weights_only=False)["config"]["residual"] is True
+    r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
+                   "--precision", "int8", "--out", tmp_path / "res", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "space-to-depth U-Net base 2, top 5, depth 2, residual" in r.stdout
+    r = run_script("train.py", "--arch", "wnet", "--residual", cwd=tmp_path)
+    assert r.returncode != 0 and "--residual is for --arch unet or s2d" in r.stderr
 
 
 def test_s2d_cascade_trains_and_tests(synthetic, tmp_path):
