@@ -78,7 +78,8 @@ def get_args(argv=None):
                    help="AdamW weight decay; 0.05, held out over 3 seeds, scored level with 1e-4 "
                         "on the validation images (README)")
     p.add_argument("--beta2", type=float, default=0.999,
-                   help="AdamW's second-moment decay (its averaging horizon is 1/(1-beta2) steps)")
+                   help="AdamW's second-moment decay (its averaging horizon is 1/(1-beta2) steps); 0.99, "
+                        "screened held out over 2 seeds, scored level with 0.999 (README)")
     p.add_argument("--sched", choices=("cosine", "plateau"), default="cosine",
                    help="cosine with linear warm-up (per step), or the blog's ReduceLROnPlateau "
                         "on the validation loss")
