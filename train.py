@@ -119,8 +119,9 @@ def get_args(argv=None):
                         f"coarsest levels (default: {S2D_DEPTH} for s2d, which scored above 4 held out "
                         f"in less time (README); {DEPTH} for the others)")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=False,
-                   help="unet, s2d: residual conv blocks (the block's input added before its last ReLU, "
-                        "through a 1x1 conv where the width changes)")
+                   help="unet, s2d: residual conv blocks (the first ReLU's output added to the second "
+                        "BN's output, before the last ReLU); screened held out over 2 seeds, +0.0002 AUC, "
+                        "not kept (README)")
     p.add_argument("--norm", choices=tuple(NORMS), default="clahe",
                    help="image contrast normalisation (default: clahe; clahe-fill: clahe after the outside "
                         "of the FOV is filled with a smooth continuation of the fundus; screened held out "
