@@ -95,21 +95,68 @@ def normalize_image(rgb, norm, denoise=True, fov=None):
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
-def train_transform(crop, channels=3, soft=False):
+class RotatedCrop(A.DualTransform):
+    """A random crop of crop x crop pixels, rotated and scaled (with probability p_affine) about
+    its centre, cut in one warp from the whole photograph: every pixel comes from the
+    photograph, and only pixels beyond its edge (black, like the outside of the FOV) are filled.
+    The crop centres are RandomCrop's; the angle and the two axes' scales are Affine's."""
+
+    def __init__(self, crop, scale=(0.8, 1.25), rotate=(-180, 180), p_affine=0.7, soft=False):
+        super().__init__(p=1.0)
+        self.crop, self.scale, self.rotate, self.p_affine = crop, scale, rotate, p_affine
+        self.mask_interpolation = cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST
+
+    def _offset(self, size):
+        """Left (or top) edge of an unrotated crop: RandomCrop's after PadIfNeeded's centred padding."""
+        return self.py_random.randint(0, size - self.crop) if size >= self.crop else (size - self.crop) // 2
+
+    def get_params_dependent_on_data(self, params, data):
+        h, w = params["shape"][:2]
+        centre = np.array([self._offset(w), self._offset(h)]) + (self.crop - 1) / 2  # (x, y)
+        a = np.eye(2)
+        if self.py_random.random() < self.p_affine:
+            t = np.deg2rad(self.py_random.uniform(*self.rotate))
+            sx, sy = self.py_random.uniform(*self.scale), self.py_random.uniform(*self.scale)
+            a = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) @ np.diag([sx, sy])
+        # photograph -> crop: the centre goes to the crop's centre, turned and scaled about it
+        matrix = np.hstack([a, ((self.crop - 1) / 2 - a @ centre)[:, None]])
+        return {"matrix": matrix}
+
+    def _warp(self, img, matrix, interpolation):
+        return cv2.warpAffine(img, matrix, (self.crop, self.crop), flags=interpolation,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+    def apply(self, img, matrix, **params):
+        return self._warp(img, matrix, cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask, matrix, **params):
+        return self._warp(mask, matrix, self.mask_interpolation)
+
+
+def train_transform(crop, channels=3, soft=False, affine_first=False):
     """Online augmentation: random native-resolution crop, flips, rotation/scale,
     and photometric changes (brightness, contrast, gamma, and colour when there is any).
 
     soft: resample the masks of a rotated or scaled crop bilinearly (the fraction of each
     pixel a vessel covers; the masks must then be float) rather than to the nearest pixel,
-    whose staircase edges no photograph has."""
+    whose staircase edges no photograph has.
+    affine_first: cut the rotated and scaled crop from the photograph (RotatedCrop). By default
+    the crop is cut first and then rotated, so up to half its pixels (its corners, at 45
+    degrees) are mirror images of its own border, with vessels that fold back at the seam."""
     colour = [A.HueSaturationValue(10, 20, 10, p=0.5)] if channels == 3 else []
+    interpolation = cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST
+    if affine_first:
+        cut, affine = [RotatedCrop(crop, soft=soft)], []
+    else:
+        cut = [A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+               A.RandomCrop(crop, crop)]
+        affine = [A.Affine(scale=(0.8, 1.25), rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7,
+                           mask_interpolation=interpolation)]
     return A.Compose([
-        A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-        A.RandomCrop(crop, crop),
+        *cut,
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
-        A.Affine(scale=(0.8, 1.25), rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7,
-                 mask_interpolation=cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST),
+        *affine,
         A.RandomBrightnessContrast(0.2, 0.2, p=0.7),
         A.RandomGamma((70, 150), p=0.5),
         *colour,
@@ -196,16 +243,17 @@ class DriveDataset(Dataset):
     (C = NORMS[norm]), mask (1,H,W) in {0,1}, fov (1,H,W) in {0,1}, and the id. With `crop`,
     returns augmented crops, a `degrade` fraction of them from a degraded photograph
     (degrade_transform); with `soft_labels`, the masks of rotated or scaled crops are in [0, 1]
-    (train_transform's soft)."""
+    (train_transform's soft); `affine_first`: rotate the photograph before cropping (train_transform)."""
 
-    def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0, soft_labels=False):
+    def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0, soft_labels=False,
+                 affine_first=False):
         splits = (split,) if isinstance(split, str) else tuple(split)
         self.items = [(os.path.join(data_dir, s), sid) for s in splits for sid in read_split(data_dir, s)]
         self.ids = [sid for _, sid in self.items]
         self.norm = norm
         self.repeats = repeats  # random crops drawn from each image per epoch
         self.soft_labels = bool(soft_labels and crop)
-        self.transform = train_transform(crop, NORMS[norm], self.soft_labels) if crop else None
+        self.transform = train_transform(crop, NORMS[norm], self.soft_labels, affine_first) if crop else None
         self.degrade = degrade if crop else 0.0
         self.degrader = degrade_transform()
         self.seed = 0

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import REAL_DRIVE
-from preprocess import (CORRUPTIONS, NOISE_FLOOR, DriveDataset, denoise_photo, fill_outside, noise_sigma,
-                        normalize_image)
+from preprocess import (CORRUPTIONS, NOISE_FLOOR, DriveDataset, RotatedCrop, denoise_photo, fill_outside,
+                        noise_sigma, normalize_image)
 
 
 def check_prepared(data, n_train, n_val, n_test, size):
@@ -111,6 +111,68 @@ def test_soft_labels_keep_the_crops_and_soften_only_edges(synthetic):
         assert abs(mask_b.sum() - mask_a.sum()) <= 0.05 * mask_a.sum() + 10
         fractional += ((mask_b > 0) & (mask_b < 1)).sum().item()
     assert fractional > 0  # some of the 32 crops were rotated or scaled
+
+
+def rotated_crops(image, crop, n, **kwargs):
+    """n crops of RotatedCrop(crop, **kwargs) of an (H, W) or (H, W, C) array, image and mask alike."""
+    t = RotatedCrop(crop, **kwargs)
+    t.set_random_seed(0)
+    return [t(image=image, masks=[image[..., 0] if image.ndim == 3 else image]) for _ in range(n)]
+
+
+def test_rotated_crop_unrotated_is_a_slice():
+    """p_affine 0: every crop is the photograph's pixels at RandomCrop's offsets, unchanged."""
+    yx = np.arange(30 * 40, dtype=np.float32).reshape(30, 40)  # each pixel holds its own index
+    offsets = set()
+    for out in rotated_crops(yx, 8, 50, p_affine=0):
+        crop, (mask,) = out["image"], out["masks"]
+        y0, x0 = divmod(int(crop[0, 0]), 40)
+        assert np.array_equal(crop, yx[y0:y0 + 8, x0:x0 + 8]) and np.array_equal(mask, crop)
+        offsets.add((y0, x0))
+    assert len(offsets) > 40 and max(o[0] for o in offsets) <= 22 and max(o[1] for o in offsets) <= 32
+
+
+def test_rotated_crop_quarter_turn_is_exact():
+    """A quarter turn at scale 1 maps pixels onto pixels: the crop is np.rot90 of a slice."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    for out in rotated_crops(image, 10, 20, rotate=(90, 90), scale=(1, 1), p_affine=1):
+        crop = out["image"]
+        hits = [(y, x) for y in range(31) for x in range(41)
+                if any(np.array_equal(crop, np.rot90(image[y:y + 10, x:x + 10], k)) for k in (1, 3))]
+        assert len(hits) == 1  # one slice of the photograph, turned by 90 degrees
+        assert np.array_equal(out["masks"][0], crop[..., 0])
+
+
+def test_rotated_crop_fills_only_beyond_the_photograph():
+    """Rotated and scaled crops of an all-white photograph: black only where the warp leaves it
+    (at a corner, never in the middle), no reflected copies; nearest-pixel masks stay binary."""
+    white = np.full((64, 64), 255, np.uint8)
+    outs = rotated_crops(white, 48, 40, p_affine=1)
+    assert all(o["image"][24, 24] == 255 for o in outs)
+    assert any((o["image"] == 0).any() for o in outs)  # rotated crops reach past the photograph's edge
+    assert all(set(np.unique(o["masks"][0])) <= {0, 255} for o in outs)
+
+
+def test_affine_first_crops(synthetic):
+    """--affine-first: crops of the same shapes and value ranges, binary masks, other crops than
+    the default's, and the same crops again after reseeding."""
+    data = str(synthetic / "data")
+    ds = DriveDataset(data, "train", crop=64, repeats=4, affine_first=True)
+    default = DriveDataset(data, "train", crop=64, repeats=4)
+    ds.reseed(5)
+    default.reseed(5)
+    first = [ds[i] for i in range(len(ds))]
+    differ = 0
+    for (image, mask, fov, _), (other, *_) in zip(first, (default[i] for i in range(len(ds)))):
+        assert image.shape == (3, 64, 64) and mask.shape == fov.shape == (1, 64, 64)
+        assert 0 <= image.min() and image.max() <= 1
+        assert set(mask.unique().tolist()) <= {0, 1} and set(fov.unique().tolist()) <= {0, 1}
+        differ += not torch.equal(image, other)
+    assert differ > 0
+    ds.reseed(5)
+    again = [ds[i] for i in range(len(ds))]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
 
 
 def test_offline_augment_and_resize(synthetic, tmp_path):
