@@ -119,8 +119,7 @@ class RotatedCrop(A.DualTransform):
             sx, sy = self.py_random.uniform(*self.scale), self.py_random.uniform(*self.scale)
             a = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) @ np.diag([sx, sy])
         # photograph -> crop: the centre goes to the crop's centre, turned and scaled about it
-        matrix = np.hstack([a, ((self.crop - 1) / 2 - a @ centre)[:, None]])
-        return {"matrix": matrix}
+        return {"matrix": np.hstack([a, ((self.crop - 1) / 2 - a @ centre)[:, None]])}
 
     def _warp(self, img, matrix, interpolation):
         return cv2.warpAffine(img, matrix, (self.crop, self.crop), flags=interpolation,
@@ -133,7 +132,49 @@ class RotatedCrop(A.DualTransform):
         return self._warp(mask, matrix, self.mask_interpolation)
 
 
-def train_transform(crop, channels=3, soft=False, affine_first=False):
+class Bend(A.DualTransform):
+    """Elastic deformation: every pixel moves by a smooth random field, cubic between control
+    points `spacing` pixels apart whose x and y displacements are normal with standard deviation
+    `sigma` pixels. At sigma 4 and spacing 64 vessels bend gently; the strain (the field's
+    gradient) stays small, so thin vessels neither break nor fold. Borders are reflected."""
+
+    def __init__(self, sigma, spacing=64, soft=False, p=1.0):
+        super().__init__(p=p)
+        self.sigma, self.spacing = sigma, spacing
+        self.mask_interpolation = cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST
+        self.grids = {}  # (h, w) -> interpolation weights and pixel coordinates, computed once
+
+    def _grid(self, h, w):
+        """Cubic weights (h, rows) and (w, cols) from control points to pixels, as cv2.resize
+        by `spacing` weighs them (the resize of an identity matrix), and the pixels' x and y."""
+        if (h, w) not in self.grids:
+            def weights(size):
+                n = -(-size // self.spacing) + 1  # control points, `spacing` apart, covering size
+                eye = np.eye(n, dtype=np.float32)
+                return cv2.resize(eye, (n, n * self.spacing), interpolation=cv2.INTER_CUBIC)[:size]
+            y, x = np.mgrid[:h, :w].astype(np.float32)
+            self.grids[h, w] = weights(h), weights(w), x, y
+        return self.grids[h, w]
+
+    def get_params_dependent_on_data(self, params, data):
+        wy, wx, x, y = self._grid(*params["shape"][:2])
+        rng = np.random.default_rng(self.py_random.getrandbits(64))
+        field = rng.normal(0, self.sigma, (2, wy.shape[1], wx.shape[1])).astype(np.float32)
+        dx, dy = (wy @ f @ wx.T for f in field)  # (h, w) displacements, cubic between control points
+        # cv2.remap's source x and y of every pixel, in fixed point: converted once, not per target
+        return {"maps": cv2.convertMaps(x + dx, y + dy, cv2.CV_16SC2)}
+
+    def _warp(self, img, maps, interpolation):
+        return cv2.remap(img, *maps, interpolation, borderMode=cv2.BORDER_REFLECT_101)
+
+    def apply(self, img, maps, **params):
+        return self._warp(img, maps, cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask, maps, **params):
+        return self._warp(mask, maps, self.mask_interpolation)
+
+
+def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.0):
     """Online augmentation: random native-resolution crop, flips, rotation/scale,
     and photometric changes (brightness, contrast, gamma, and colour when there is any).
 
@@ -142,7 +183,8 @@ def train_transform(crop, channels=3, soft=False, affine_first=False):
     whose staircase edges no photograph has.
     affine_first: cut the rotated and scaled crop from the photograph (RotatedCrop). By default
     the crop is cut first and then rotated, so up to half its pixels (its corners, at 45
-    degrees) are mirror images of its own border, with vessels that fold back at the seam."""
+    degrees) are mirror images of its own border, with vessels that fold back at the seam.
+    elastic: bend every crop, after the rotation, by a smooth field of that many pixels (Bend)."""
     colour = [A.HueSaturationValue(10, 20, 10, p=0.5)] if channels == 3 else []
     interpolation = cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST
     if affine_first:
@@ -157,6 +199,7 @@ def train_transform(crop, channels=3, soft=False, affine_first=False):
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
         *affine,
+        *([Bend(elastic, soft=soft)] if elastic else []),
         A.RandomBrightnessContrast(0.2, 0.2, p=0.7),
         A.RandomGamma((70, 150), p=0.5),
         *colour,
@@ -246,14 +289,14 @@ class DriveDataset(Dataset):
     (train_transform's soft); `affine_first`: rotate the photograph before cropping (train_transform)."""
 
     def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0, soft_labels=False,
-                 affine_first=False):
+                 affine_first=False, elastic=0.0):
         splits = (split,) if isinstance(split, str) else tuple(split)
         self.items = [(os.path.join(data_dir, s), sid) for s in splits for sid in read_split(data_dir, s)]
         self.ids = [sid for _, sid in self.items]
         self.norm = norm
         self.repeats = repeats  # random crops drawn from each image per epoch
         self.soft_labels = bool(soft_labels and crop)
-        self.transform = train_transform(crop, NORMS[norm], self.soft_labels, affine_first) if crop else None
+        self.transform = train_transform(crop, NORMS[norm], self.soft_labels, affine_first, elastic) if crop else None
         self.degrade = degrade if crop else 0.0
         self.degrader = degrade_transform()
         self.seed = 0

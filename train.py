@@ -99,6 +99,10 @@ def get_args(argv=None):
     p.add_argument("--affine-first", action=argparse.BooleanOptionalAction, default=False,
                    help="rotate and scale the whole photograph, then cut the training crop, instead of "
                         "rotating the crop, whose corners are then mirror images of its border")
+    p.add_argument("--elastic", type=float, default=0.0, metavar="PX",
+                   help="bend each training crop (elastic deformation) by a smooth random displacement, "
+                        "normal with this standard deviation (pixels) at control points 64 pixels apart, "
+                        "cubic between them; 0: none")
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
     p.add_argument("--arch", choices=tuple(ARCHS), default="s2d",
                    help="the U-Net on 2x2 pixel blocks (space-to-depth: every level at half the "
@@ -167,6 +171,8 @@ def get_args(argv=None):
         p.error(f"--refine must be 0 or more and is for --arch s2d, got {args.refine} for {args.arch}")
     if args.residual and args.arch not in ("unet", "s2d"):
         p.error(f"--residual is for --arch unet or s2d, got {args.arch}")
+    if args.elastic < 0:
+        p.error(f"--elastic is a displacement in pixels and must be 0 or more, got {args.elastic}")
     if args.top is None and args.arch in ("s2d", "s2dw"):
         args.top = round(S2D_TOP * args.base)
     if args.depth is None:
@@ -366,13 +372,15 @@ def main(argv=None):
         cfg.setdefault("beta2", 0.999)
         cfg.setdefault("residual", False)
         cfg.setdefault("affine_first", False)
+        cfg.setdefault("elastic", 0.0)
     else:
         cfg = dict(vars(args), epochs=args.epochs or EPOCHS)
     seeding(cfg["seed"])
     fitted = ("train", "val") if cfg["train_on_val"] else "train"
     train_ds = DriveDataset(cfg["data"], fitted, cfg["norm"], crop=cfg["crop"],
                             repeats=cfg["crops_per_image"], degrade=cfg["degrade"],
-                            soft_labels=cfg["soft_labels"], affine_first=cfg["affine_first"])
+                            soft_labels=cfg["soft_labels"], affine_first=cfg["affine_first"],
+                            elastic=cfg["elastic"])
     val_ds = DriveDataset(cfg["data"], "val", cfg["norm"])
     steps_per_epoch = math.ceil(len(train_ds) / cfg["batch_size"])
     cfg["in_ch"] = NORMS[cfg["norm"]]

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import REAL_DRIVE
-from preprocess import (CORRUPTIONS, NOISE_FLOOR, DriveDataset, RotatedCrop, denoise_photo, fill_outside,
+from preprocess import (CORRUPTIONS, NOISE_FLOOR, Bend, DriveDataset, RotatedCrop, denoise_photo, fill_outside,
                         noise_sigma, normalize_image)
 
 
@@ -154,11 +154,30 @@ def test_rotated_crop_fills_only_beyond_the_photograph():
     assert all(set(np.unique(o["masks"][0])) <= {0, 255} for o in outs)
 
 
-def test_affine_first_crops(synthetic):
-    """--affine-first: crops of the same shapes and value ranges, binary masks, other crops than
-    the default's, and the same crops again after reseeding."""
+def test_bend_field_is_smooth_and_sized():
+    """Bend on a photograph whose pixels hold their x coordinate: the output minus the input is
+    the field's x displacement, spread about its standard deviation and smooth (neighbours within
+    a fraction of a pixel); a nearest-pixel mask stays binary."""
+    ramp = np.tile(np.arange(128, dtype=np.float32), (128, 1))
+    mask = (np.arange(128)[None, :] % 8 < 2).repeat(128, 0).astype(np.uint8)  # stripes, like vessels
+    t = Bend(2.0)
+    t.set_random_seed(0)
+    spread = []
+    for _ in range(10):
+        out = t(image=ramp, masks=[mask])
+        dx = (out["image"] - ramp)[8:-8, 8:-8]  # away from the reflected border
+        assert np.abs(np.diff(dx, axis=1)).max() < 0.5 and np.abs(np.diff(dx, axis=0)).max() < 0.5
+        assert set(np.unique(out["masks"][0])) == {0, 1}
+        spread.append(dx.std())
+    assert 1.0 < np.mean(spread) < 3.0
+
+
+@pytest.mark.parametrize("affine_first,elastic", [(True, 0.0), (False, 4.0), (True, 4.0)])
+def test_affine_first_and_elastic_crops(synthetic, affine_first, elastic):
+    """--affine-first, --elastic: crops of the same shapes and value ranges, binary masks, other
+    crops than the default's, and the same crops again after reseeding."""
     data = str(synthetic / "data")
-    ds = DriveDataset(data, "train", crop=64, repeats=4, affine_first=True)
+    ds = DriveDataset(data, "train", crop=64, repeats=4, affine_first=affine_first, elastic=elastic)
     default = DriveDataset(data, "train", crop=64, repeats=4)
     ds.reseed(5)
     default.reseed(5)
