@@ -95,6 +95,11 @@ def normalize_image(rgb, norm, denoise=True, fov=None):
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
+def keep_channels(out, img):
+    """OpenCV's warps return (H, W) for an (H, W, 1) image: give it back its channel axis."""
+    return out[..., None] if img.ndim == 3 and out.ndim == 2 else out
+
+
 class RotatedCrop(A.DualTransform):
     """A random crop of crop x crop pixels, rotated and scaled (with probability p_affine) about
     its centre, cut in one warp from the whole photograph: every pixel comes from the
@@ -122,8 +127,8 @@ class RotatedCrop(A.DualTransform):
         return {"matrix": np.hstack([a, ((self.crop - 1) / 2 - a @ centre)[:, None]])}
 
     def _warp(self, img, matrix, interpolation):
-        return cv2.warpAffine(img, matrix, (self.crop, self.crop), flags=interpolation,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return keep_channels(cv2.warpAffine(img, matrix, (self.crop, self.crop), flags=interpolation,
+                                            borderMode=cv2.BORDER_CONSTANT, borderValue=0), img)
 
     def apply(self, img, matrix, **params):
         return self._warp(img, matrix, cv2.INTER_LINEAR)
@@ -165,7 +170,7 @@ class Bend(A.DualTransform):
         return {"maps": cv2.convertMaps(x + dx, y + dy, cv2.CV_16SC2)}
 
     def _warp(self, img, maps, interpolation):
-        return cv2.remap(img, *maps, interpolation, borderMode=cv2.BORDER_REFLECT_101)
+        return keep_channels(cv2.remap(img, *maps, interpolation, borderMode=cv2.BORDER_REFLECT_101), img)
 
     def apply(self, img, maps, **params):
         return self._warp(img, maps, cv2.INTER_LINEAR)

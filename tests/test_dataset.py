@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import REAL_DRIVE
-from preprocess import (CORRUPTIONS, NOISE_FLOOR, Bend, DriveDataset, RotatedCrop, denoise_photo, fill_outside,
+from preprocess import (CORRUPTIONS, NOISE_FLOOR, NORMS, Bend, DriveDataset, RotatedCrop, denoise_photo, fill_outside,
                         noise_sigma, normalize_image)
 
 
@@ -172,19 +172,21 @@ def test_bend_field_is_smooth_and_sized():
     assert 1.0 < np.mean(spread) < 3.0
 
 
-@pytest.mark.parametrize("affine_first,elastic", [(True, 0.0), (False, 4.0), (True, 4.0)])
-def test_affine_first_and_elastic_crops(synthetic, affine_first, elastic):
-    """--affine-first, --elastic: crops of the same shapes and value ranges, binary masks, other
-    crops than the default's, and the same crops again after reseeding."""
+@pytest.mark.parametrize("affine_first,elastic,norm", [(True, 0.0, "clahe"), (False, 4.0, "clahe"),
+                                                       (True, 4.0, "clahe"), (True, 4.0, "green")])
+def test_affine_first_and_elastic_crops(synthetic, affine_first, elastic, norm):
+    """--affine-first, --elastic: crops of the same shapes (one channel too: OpenCV's warps drop
+    it) and value ranges, binary masks, other crops than the default's, and the same crops again
+    after reseeding."""
     data = str(synthetic / "data")
-    ds = DriveDataset(data, "train", crop=64, repeats=4, affine_first=affine_first, elastic=elastic)
-    default = DriveDataset(data, "train", crop=64, repeats=4)
+    ds = DriveDataset(data, "train", norm, crop=64, repeats=4, affine_first=affine_first, elastic=elastic)
+    default = DriveDataset(data, "train", norm, crop=64, repeats=4)
     ds.reseed(5)
     default.reseed(5)
     first = [ds[i] for i in range(len(ds))]
     differ = 0
     for (image, mask, fov, _), (other, *_) in zip(first, (default[i] for i in range(len(ds)))):
-        assert image.shape == (3, 64, 64) and mask.shape == fov.shape == (1, 64, 64)
+        assert image.shape == (NORMS[norm], 64, 64) and mask.shape == fov.shape == (1, 64, 64)
         assert 0 <= image.min() and image.max() <= 1
         assert set(mask.unique().tolist()) <= {0, 1} and set(fov.unique().tolist()) <= {0, 1}
         differ += not torch.equal(image, other)
