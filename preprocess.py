@@ -166,8 +166,13 @@ class Bend(A.DualTransform):
         rng = np.random.default_rng(self.py_random.getrandbits(64))
         field = rng.normal(0, self.sigma, (2, wy.shape[1], wx.shape[1])).astype(np.float32)
         dx, dy = (wy @ f @ wx.T for f in field)  # (h, w) displacements, cubic between control points
-        # cv2.remap's source x and y of every pixel, in fixed point: converted once, not per target
-        return {"maps": cv2.convertMaps(x + dx, y + dy, cv2.CV_16SC2)}
+        # cv2.remap's source x and y of every pixel, in fixed point: converted once, not per target.
+        # Nearest-pixel masks need their own, rounded, map: the bilinear one's integer part is the floor
+        sx, sy = x + dx, y + dy
+        nearest = self.mask_interpolation == cv2.INTER_NEAREST
+        return {"maps": cv2.convertMaps(sx, sy, cv2.CV_16SC2),
+                "mask_maps": (cv2.convertMaps(sx, sy, cv2.CV_16SC2, nninterpolation=True)[0], None)
+                if nearest else None}
 
     def _warp(self, img, maps, interpolation):
         return keep_channels(cv2.remap(img, *maps, interpolation, borderMode=cv2.BORDER_REFLECT_101), img)
@@ -175,8 +180,8 @@ class Bend(A.DualTransform):
     def apply(self, img, maps, **params):
         return self._warp(img, maps, cv2.INTER_LINEAR)
 
-    def apply_to_mask(self, mask, maps, **params):
-        return self._warp(mask, maps, self.mask_interpolation)
+    def apply_to_mask(self, mask, maps, mask_maps=None, **params):
+        return self._warp(mask, mask_maps or maps, self.mask_interpolation)
 
 
 def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.0):

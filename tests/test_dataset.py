@@ -1,6 +1,7 @@
 import glob
 import json
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -170,6 +171,20 @@ def test_bend_field_is_smooth_and_sized():
         assert set(np.unique(out["masks"][0])) == {0, 1}
         spread.append(dx.std())
     assert 1.0 < np.mean(spread) < 3.0
+
+
+@pytest.mark.parametrize("warp", [partial(RotatedCrop, 96, p_affine=1), partial(Bend, 4.0)])
+def test_warped_masks_stay_on_their_images(warp):
+    """A mask warped as a mask (nearest pixel) covers what the same mask warped as an image
+    (bilinear) shows: no shift between the two, as a floor instead of rounding would give."""
+    yy, xx = np.mgrid[:128, :128]
+    mask = ((np.sin(xx / 5.0) + np.cos(yy / 7.0)) > 1.2).astype(np.uint8)  # blobs 2-8 px across
+    t = warp()
+    t.set_random_seed(0)
+    for _ in range(5):
+        out = t(image=np.repeat(mask[..., None] * 255, 3, 2), masks=[mask])
+        seen, warped = out["image"][..., 0] > 127, out["masks"][0] > 0
+        assert (seen & warped).sum() / (seen | warped).sum() > 0.9
 
 
 @pytest.mark.parametrize("affine_first,elastic,norm", [(True, 0.0, "clahe"), (False, 4.0, "clahe"),
