@@ -95,6 +95,11 @@ def normalize_image(rgb, norm, denoise=True, fov=None):
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
+def mask_interpolation(soft):
+    """How the masks of a warped crop are resampled: bilinearly (soft labels) or to the nearest pixel."""
+    return cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST
+
+
 def keep_channels(out, img):
     """OpenCV's warps return (H, W) for an (H, W, 1) image: give it back its channel axis."""
     return out[..., None] if img.ndim == 3 and out.ndim == 2 else out
@@ -109,7 +114,7 @@ class RotatedCrop(A.DualTransform):
     def __init__(self, crop, scale=(0.8, 1.25), rotate=(-180, 180), p_affine=0.7, soft=False):
         super().__init__(p=1.0)
         self.crop, self.scale, self.rotate, self.p_affine = crop, scale, rotate, p_affine
-        self.mask_interpolation = cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST
+        self.mask_interpolation = mask_interpolation(soft)
 
     def _offset(self, size):
         """Left (or top) edge of an unrotated crop: RandomCrop's after PadIfNeeded's centred padding."""
@@ -146,7 +151,7 @@ class Bend(A.DualTransform):
     def __init__(self, sigma, spacing=64, soft=False, p=1.0):
         super().__init__(p=p)
         self.sigma, self.spacing = sigma, spacing
-        self.mask_interpolation = cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST
+        self.mask_interpolation = mask_interpolation(soft)
         self.grids = {}  # (h, w) -> interpolation weights and pixel coordinates, computed once
 
     def _grid(self, h, w):
@@ -196,14 +201,13 @@ def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.
     degrees) are mirror images of its own border, with vessels that fold back at the seam.
     elastic: bend every crop, after the rotation, by a smooth field of that many pixels (Bend)."""
     colour = [A.HueSaturationValue(10, 20, 10, p=0.5)] if channels == 3 else []
-    interpolation = cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST
     if affine_first:
         cut, affine = [RotatedCrop(crop, soft=soft)], []
     else:
         cut = [A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
                A.RandomCrop(crop, crop)]
         affine = [A.Affine(scale=(0.8, 1.25), rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7,
-                           mask_interpolation=interpolation)]
+                           mask_interpolation=mask_interpolation(soft))]
     return A.Compose([
         *cut,
         A.HorizontalFlip(p=0.5),
@@ -296,7 +300,8 @@ class DriveDataset(Dataset):
     (C = NORMS[norm]), mask (1,H,W) in {0,1}, fov (1,H,W) in {0,1}, and the id. With `crop`,
     returns augmented crops, a `degrade` fraction of them from a degraded photograph
     (degrade_transform); with `soft_labels`, the masks of rotated or scaled crops are in [0, 1]
-    (train_transform's soft); `affine_first`: rotate the photograph before cropping (train_transform)."""
+    (train_transform's soft); `affine_first` and `elastic`: train_transform's (rotated crops cut
+    from the photograph; bent crops)."""
 
     def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0, soft_labels=False,
                  affine_first=False, elastic=0.0):
