@@ -15,24 +15,29 @@ torch.fx.wrap("check_input")
 
 DEPTH = 4  # number of 2x down-samplings, so inputs must be multiples of 2**DEPTH
 MULTIPLE = 2 ** DEPTH
+# the conv blocks' activation: ReLU (the paper's) or SiLU (x * sigmoid(x): smooth, passes a little
+# of negative inputs, so no unit's gradient is cut off entirely)
+ACTS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
 
 class ConvBlock(nn.Module):
-    """Two 3x3 conv -> BN -> ReLU; keeps the spatial size (padding=1).
+    """Two 3x3 conv -> BN -> ReLU (act: a key of ACTS); keeps the spatial size (padding=1).
 
     residual=True adds the first ReLU's output (already out_ch wide) to the second BN's output
     before the last ReLU (He et al., 2016): an identity path over the second convolution that
     eases optimisation, for one elementwise add and no parameters."""
 
-    def __init__(self, in_ch, out_ch, residual=False):
+    def __init__(self, in_ch, out_ch, residual=False, act="relu"):
         super().__init__()
+        if act not in ACTS:
+            raise ValueError(f"act must be one of {', '.join(ACTS)}, got {act!r}")
         self.body = nn.Sequential(
             nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
             nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
+            ACTS[act](inplace=True),
             nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
             nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
+            ACTS[act](inplace=True),
         )
         self.residual = residual
 
@@ -47,9 +52,9 @@ class ConvBlock(nn.Module):
 class Encoder(nn.Module):
     """ConvBlock then 2x2 max-pool; returns (skip, pooled)."""
 
-    def __init__(self, in_ch, out_ch, residual=False):
+    def __init__(self, in_ch, out_ch, residual=False, act="relu"):
         super().__init__()
-        self.conv = ConvBlock(in_ch, out_ch, residual)
+        self.conv = ConvBlock(in_ch, out_ch, residual, act)
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x):
@@ -60,10 +65,10 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """2x transposed-conv up-sampling, concatenation with the skip, ConvBlock."""
 
-    def __init__(self, in_ch, out_ch, residual=False):
+    def __init__(self, in_ch, out_ch, residual=False, act="relu"):
         super().__init__()
         self.up = nn.ConvTranspose2d(in_ch, out_ch, kernel_size=2, stride=2)
-        self.conv = ConvBlock(2 * out_ch, out_ch, residual)
+        self.conv = ConvBlock(2 * out_ch, out_ch, residual, act)
 
     def forward(self, x, skip):
         x = self.up(x)
@@ -76,11 +81,11 @@ class UNet(nn.Module):
     H and W must be multiples of 2**depth (16); pad with `pad_to_multiple` first. top: the width
     of the first (finest) level instead of base, the others unchanged (None: base). depth: the
     number of down-samplings (4, the paper's; fewer drop the coarsest levels). residual: every
-    conv block residual (ConvBlock).
+    conv block residual (ConvBlock). act: the blocks' activation, a key of ACTS.
     """
     multiple = MULTIPLE  # of the default depth; an instance's own is 2**depth
 
-    def __init__(self, in_ch=3, out_ch=1, base=64, top=None, depth=DEPTH, residual=False):
+    def __init__(self, in_ch=3, out_ch=1, base=64, top=None, depth=DEPTH, residual=False, act="relu"):
         super().__init__()
         if base < 1 or (top is not None and top < 1):
             raise ValueError(f"widths must be >= 1, got base {base}, top {top}")
@@ -91,9 +96,9 @@ class UNet(nn.Module):
         self.in_ch = in_ch
         self.multiple = 2 ** depth
         self.encoders = nn.ModuleList(
-            Encoder(c_in, c_out, residual) for c_in, c_out in zip([in_ch] + w[:depth - 1], w[:depth]))
-        self.bottleneck = ConvBlock(w[depth - 1], w[depth], residual)
-        self.decoders = nn.ModuleList(Decoder(w[i + 1], w[i], residual) for i in reversed(range(depth)))
+            Encoder(c_in, c_out, residual, act) for c_in, c_out in zip([in_ch] + w[:depth - 1], w[:depth]))
+        self.bottleneck = ConvBlock(w[depth - 1], w[depth], residual, act)
+        self.decoders = nn.ModuleList(Decoder(w[i + 1], w[i], residual, act) for i in reversed(range(depth)))
         self.head = nn.Conv2d(w[0], out_ch, kernel_size=1)
 
     def forward(self, x):
@@ -122,10 +127,10 @@ class S2DUNet(nn.Module):
     half its time on a CPU with native bf16. refine=R adds a full-resolution stage: the net
     ends in 4R maps instead of logits, pixel_shuffle makes them R at full resolution, and one 3x3
     conv block over them (after a ReLU) and the image gives the logits. H and W must be multiples
-    of 2**(depth + 1): 32 at the default depth 4. residual: the U-Net's blocks residual."""
+    of 2**(depth + 1): 32 at the default depth 4. residual, act: the U-Net's blocks' (UNet)."""
     multiple = 2 * MULTIPLE
 
-    def __init__(self, in_ch=3, out_ch=1, base=16, top=None, refine=0, depth=DEPTH, residual=False):
+    def __init__(self, in_ch=3, out_ch=1, base=16, top=None, refine=0, depth=DEPTH, residual=False, act="relu"):
         super().__init__()
         if refine < 0:
             raise ValueError(f"refine must be >= 0, got {refine}")
@@ -133,13 +138,13 @@ class S2DUNet(nn.Module):
         # refine > 0: the half-resolution net ends in 4 * refine features instead of logits;
         # pixel_shuffle makes them `refine` channels at full resolution, which one 3x3 block
         # there (with the image beside them) turns into logits: a full-resolution stage
-        self.net = UNet(4 * in_ch, 4 * (refine or out_ch), base, top, depth, residual)
+        self.net = UNet(4 * in_ch, 4 * (refine or out_ch), base, top, depth, residual, act)
         self.multiple = 2 * self.net.multiple
         self.refine = nn.Sequential(
-            nn.ReLU(),
+            ACTS[act](),
             nn.Conv2d(refine + in_ch, refine, 3, padding=1, bias=False),
             nn.BatchNorm2d(refine),
-            nn.ReLU(inplace=True),
+            ACTS[act](inplace=True),
             nn.Conv2d(refine, out_ch, 1),
         ) if refine else None
 
@@ -193,17 +198,18 @@ class S2DWNet(Cascade):
 @torch.no_grad()
 def fold_batchnorm(model):
     """Inference only: fold each BatchNorm2d into the Conv2d before it (with the running
-    statistics), so a ConvBlock runs two convolutions and two ReLUs. The same outputs to
-    ~1e-5 in fp32, about a tenth less time on CPU. Modifies `model` (in eval mode) in place."""
+    statistics), so a ConvBlock runs two convolutions and two activations. The same outputs to
+    ~1e-5 in fp32, about a tenth less time on CPU. Modifies `model` (in eval mode) in place.
+    Every conv-then-BN pair inside an nn.Sequential is folded (the blocks' bodies, s2d's refine stage)."""
     if model.training:
         raise ValueError("fold_batchnorm is for inference: call model.eval() first")
-    for block in model.modules():
-        if isinstance(block, ConvBlock):
-            layers = list(block.body)
+    for seq in model.modules():
+        if isinstance(seq, nn.Sequential):
+            layers = list(seq)
             for i, (conv, bn) in enumerate(zip(layers, layers[1:])):
                 if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    block.body[i] = nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
-                    block.body[i + 1] = nn.Identity()
+                    seq[i] = nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+                    seq[i + 1] = nn.Identity()
     return model
 
 

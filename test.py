@@ -229,6 +229,7 @@ def main(argv=None):
     top += f", refine {ckpt['config']['refine']}" if ckpt["config"].get("refine") else ""
     top += f", depth {ckpt['config']['depth']}" if ckpt["config"].get("depth", 4) != 4 else ""
     top += ", residual" if ckpt["config"].get("residual") else ""
+    top += f", {ckpt['config']['act']}" if ckpt["config"].get("act", "relu") != "relu" else ""
     print(f"checkpoint {args.checkpoint} ({arch} base {ckpt['config']['base']}{top}, "
           f"epoch {ckpt.get('epoch', '?')}, val F1 {ckpt.get('val_f1', float('nan')):.4f})")
     with atomic_dir(args.out) as tmp:

@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
-from model import DEPTH, Cascade, count_parameters, pad_to_multiple  # noqa: E402
+from model import ACTS, DEPTH, Cascade, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
 from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, best_threshold,  # noqa: E402
                    bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device,
@@ -131,6 +131,9 @@ def get_args(argv=None):
                    help="unet, s2d: residual conv blocks (the first ReLU's output added to the second "
                         "BN's output, before the last ReLU); screened held out over 2 seeds, +0.0002 AUC, "
                         "not kept (README)")
+    p.add_argument("--act", choices=tuple(ACTS), default="relu",
+                   help="unet, s2d: the conv blocks' activation (silu: x * sigmoid(x), smooth; not "
+                        "yet screened held out)")
     p.add_argument("--norm", choices=tuple(NORMS), default="clahe",
                    help="image contrast normalisation (default: clahe; clahe-fill: clahe after the outside "
                         "of the FOV is filled with a smooth continuation of the fundus; screened held out "
@@ -173,6 +176,8 @@ def get_args(argv=None):
         p.error(f"--refine must be 0 or more and is for --arch s2d, got {args.refine} for {args.arch}")
     if args.residual and args.arch not in ("unet", "s2d"):
         p.error(f"--residual is for --arch unet or s2d, got {args.arch}")
+    if args.act != "relu" and args.arch not in ("unet", "s2d"):
+        p.error(f"--act is for --arch unet or s2d, got {args.arch}")
     if args.elastic < 0:
         p.error(f"--elastic is a displacement in pixels and must be 0 or more, got {args.elastic}")
     if args.top is None and args.arch in ("s2d", "s2dw"):
@@ -373,6 +378,7 @@ def main(argv=None):
         cfg.setdefault("time_budget", None)
         cfg.setdefault("beta2", 0.999)
         cfg.setdefault("residual", False)
+        cfg.setdefault("act", "relu")
         cfg.setdefault("affine_first", False)
         cfg.setdefault("elastic", 0.0)
     else:
@@ -406,6 +412,7 @@ def main(argv=None):
           f"{', refine ' + str(cfg['refine']) if cfg.get('refine') else ''}"
           f"{', depth ' + str(cfg['depth']) if cfg.get('depth', DEPTH) != DEPTH else ''}"
           f"{', residual' if cfg.get('residual') else ''}"
+          f"{', ' + cfg['act'] if cfg.get('act', 'relu') != 'relu' else ''}"
           f" ({cfg['parameters']:,} parameters) | "
           f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
           f"{len(val_ds.ids)} val{' (trained on too)' if cfg['train_on_val'] else ''} | "

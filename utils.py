@@ -252,6 +252,8 @@ def build_model(cfg):
         kwargs["depth"] = cfg["depth"]
     if cfg.get("residual"):  # unet and s2d; older checkpoints have no such key
         kwargs["residual"] = True
+    if cfg.get("act", "relu") != "relu":  # unet and s2d; older checkpoints have no such key
+        kwargs["act"] = cfg["act"]
     return ARCHS[cfg.get("arch", "unet")](in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"], **kwargs)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from model import (ConvBlock, S2DUNet, S2DWNet, UNet, WNet, count_parameters, fold_batchnorm,
                    pad_to_multiple)
-from utils import add_tta_args, fov_box, grow_span, predict_probs, tta_views
+from utils import add_tta_args, build_model, fov_box, grow_span, predict_probs, tta_views
 
 
 def test_reference_shape_512():
@@ -224,7 +224,8 @@ def test_s2d_unet_outputs_pixel_blocks():
             assert torch.equal(out[0, 0, a::2, b::2], half[0, 2 * a + b])
 
 
-@pytest.mark.parametrize("net", [UNet, S2DUNet, WNet, S2DWNet, partial(S2DUNet, residual=True)])
+@pytest.mark.parametrize("net", [UNet, S2DUNet, WNet, S2DWNet, partial(S2DUNet, residual=True),
+                                 partial(S2DUNet, act="silu", refine=2)])
 def test_fold_batchnorm_keeps_outputs(net):
     torch.manual_seed(0)
     model = net(base=4)
@@ -256,6 +257,24 @@ def test_residual_blocks_add_their_input():
         assert torch.equal(block(x), torch.zeros_like(first))
     out = S2DUNet(base=4, top=8, depth=2, residual=True)(torch.rand(2, 3, 64, 64))
     assert out.shape == (2, 1, 64, 64)
+
+
+def test_silu_blocks():
+    """act="silu" puts x * sigmoid(x) wherever the blocks (and s2d's refine stage) had ReLU: the same
+    parameters, negative activations kept in part; build_model reads it from a config."""
+    block = ConvBlock(3, 4, act="silu").eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        pre = block.body[:2](x)
+        assert torch.allclose(block.body[:3](x), pre * torch.sigmoid(pre))
+    relu, silu = S2DUNet(base=4, top=8, depth=2, refine=2), S2DUNet(base=4, top=8, depth=2, refine=2, act="silu")
+    assert count_parameters(silu) == count_parameters(relu)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in silu.modules())
+    cfg = {"arch": "s2d", "base": 4, "top": 8, "depth": 2, "act": "silu"}
+    assert any(isinstance(m, torch.nn.SiLU) for m in build_model(cfg).modules())
+    assert not any(isinstance(m, torch.nn.SiLU) for m in build_model(dict(cfg, act="relu")).modules())
+    with pytest.raises(ValueError, match="act must be one of relu, silu"):
+        ConvBlock(3, 4, act="gelu")
 
 
 def test_fold_batchnorm_refuses_training_mode():
