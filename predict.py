@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from preprocess import normalize_image
 from utils import (SHIPPED_WEIGHTS, HelpFormatter, UserError, add_inference_args, atomic_path, create_dir,
-                   encode_probs, fov_box, get_device, inference_options, load_model, predict_probs,
+                   encode_probs, fov_box, inference_device, inference_options, load_model, predict_probs,
                    read_image, read_mask, rle_encode, run_main, save_png, scale_box, to_tensor_image)
 
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif")
@@ -286,7 +286,7 @@ def main(argv=None):
     # everything that can fail for the whole run fails before --out is touched
     paths = collect_inputs(args.inputs)
     given_fov = load_fov(args.fov)
-    device = get_device(args.device)
+    device = inference_device(args)
     model, ckpt = load_model(args.checkpoint, device, args.precision)
     options = inference_options(args, ckpt, device)  # (tta, bf16)
     create_dir(args.out)

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from preprocess import CORRUPTIONS, normalize_image, read_split  # noqa: E402
 from utils import (SHIPPED_WEIGHTS, HelpFormatter, Timer, add_inference_args, atomic_dir,  # noqa: E402
-                   atomic_path, confusion, encode_probs, fov_box, get_device, inference_options, load_model,
+                   atomic_path, confusion, encode_probs, fov_box, inference_device, inference_options, load_model,
                    predict_probs, read_image, read_mask, run_main, save_png, scores, to_tensor_image,
                    tta_text)
 
@@ -221,7 +221,7 @@ def report(m):
 
 def main(argv=None):
     args = get_args(argv)
-    device = get_device(args.device)
+    device = inference_device(args)
     model, ckpt = load_model(args.checkpoint, device, args.precision)
     names = {"unet": "U-Net", "s2d": "space-to-depth U-Net", "wnet": "W-Net", "s2dw": "space-to-depth W-Net"}
     arch = names[ckpt["config"].get("arch", "unet")]

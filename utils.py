@@ -384,7 +384,9 @@ def add_inference_args(parser):
     add_tta_args(parser, None, "average the predictions for N flips of each image: 1 (none), 2 (and the "
                                "left-right mirror) or 4 (and the upside-down ones); bare --tta is 4 "
                                "(default: as the checkpoint's threshold was chosen, see train.py --tta)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run (default: auto: CUDA where there is one, except for --precision "
+                             "int8, which runs on the CPU)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
                         help="network arithmetic: auto is bf16 where the device runs it natively (about "
                              "2x faster on CPU, the same F1, AUC and accuracy to 4 decimals on DRIVE), "
@@ -395,6 +397,12 @@ def add_inference_args(parser):
                              "more, before contrast normalisation would amplify it "
                              "(preprocess.denoise_photo, as in training); DRIVE's photographs "
                              "estimate 0.6-1.35 and pass unchanged")
+
+
+def inference_device(args):
+    """test.py and predict.py's device: --device, where auto means the CPU for --precision int8
+    (PyTorch's quantized engine is CPU-only), so int8 works unasked on a machine with a GPU."""
+    return get_device("cpu" if args.device == "auto" and args.precision == "int8" else args.device)
 
 
 def inference_options(args, ckpt, device):

@@ -1,10 +1,12 @@
 """int8 inference: calibration, the ranges a checkpoint stores, and the errors around them."""
+from argparse import Namespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import S2DUNet, UNet, fold_batchnorm
-from utils import UserError, int8_levels, int8_ranges, load_model, quantize_int8, torch_save
+from utils import UserError, inference_device, int8_levels, int8_ranges, load_model, quantize_int8, torch_save
 
 pytestmark = pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines,
                                 reason="int8 inference needs PyTorch's x86 quantized engine")
@@ -80,3 +82,14 @@ def test_int8_needs_calibration_and_the_cpu(tmp_path):
         load_model(path, torch.device("cpu"), "int8")
     with pytest.raises(UserError, match="runs on the CPU"):
         load_model(path, torch.device("cuda"), "int8")
+
+
+def test_auto_device_is_the_cpu_for_int8(monkeypatch):
+    """--device auto picks CUDA where there is one, but int8 (CPU-only) runs on the CPU unasked;
+    an explicit --device cuda with int8 stays an error (load_model)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert inference_device(Namespace(device="auto", precision="int8")).type == "cpu"
+    assert inference_device(Namespace(device="auto", precision="fp32")).type == "cuda"
+    assert inference_device(Namespace(device="cpu", precision="auto")).type == "cpu"
+    with pytest.raises(UserError, match="int8 runs on the CPU, not cuda"):
+        load_model("unused.pt", torch.device("cuda"), "int8")
