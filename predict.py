@@ -2,6 +2,7 @@
 
     python predict.py photo.jpg scans/ "more/*.tif"        # files, folders, globs
     python predict.py --checkpoint runs/unet/model.pt --rle masks.csv scans/
+    python predict.py --checkpoint weights/drive_s2d.pt scans/   # 1.5-2x faster, ~0.003 less F1
 
 Inputs: image files (TIFF, PNG, JPEG, PPM, BMP, GIF; any size; colour or grayscale),
 folders (their image files, not recursive) and glob patterns (quoted ones too).
@@ -69,7 +70,8 @@ def get_args(argv=None):
                    help="image files, folders of images, or glob patterns")
     p.add_argument("--checkpoint", default=SHIPPED_WEIGHTS,
                    help="model to segment with (default: the shipped weights, weights/drive_unet.pt "
-                        "in this repo)")
+                        "in this repo, the plain U-Net; weights/drive_s2d.pt, the space-to-depth "
+                        "U-Net, is 1.5-2x faster for ~0.003 less F1)")
     p.add_argument("--out", default="predictions", help="folder for the masks, probabilities and overlays")
     p.add_argument("--threshold", type=parse_threshold, default=None,
                    help="probability threshold (default: the one chosen on the training images, stored in "

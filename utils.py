@@ -20,7 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from model import DEPTH, S2DUNet, S2DWNet, UNet, WNet, fold_batchnorm, pad_to_multiple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHIPPED_WEIGHTS = os.path.join(HERE, "weights", "drive_unet.pt")
+SHIPPED_WEIGHTS = os.path.join(HERE, "weights", "drive_unet.pt")  # the plain U-Net (--arch unet)
+SHIPPED_S2D = os.path.join(HERE, "weights", "drive_s2d.pt")  # the default recipe's space-to-depth U-Net
 
 
 UMASK = os.umask(0o022)  # read it (only settable): os.umask returns the previous mask

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import REAL_DRIVE, REFEREE, ROOT, run_script
 from dataset import synthetic_fundus
-from utils import SHIPPED_WEIGHTS, load_model
+from utils import SHIPPED_S2D, SHIPPED_WEIGHTS, load_model
 
 README_COLUMNS = ["f1", "auc", "accuracy"]  # the first three numbers of README's result rows
 
@@ -27,10 +27,11 @@ def readme_row(label):
     raise AssertionError(f"README.md has no results row labelled {label!r}")
 
 
-def test_shipped_weights_load():
-    model, ckpt = load_model(SHIPPED_WEIGHTS, torch.device("cpu"))
-    assert 0 < ckpt["threshold"] < 1 and ckpt["config"]["norm"]
-    assert os.path.getsize(SHIPPED_WEIGHTS) < 8 * 2 ** 20
+@pytest.mark.parametrize("path, arch", [(SHIPPED_WEIGHTS, "unet"), (SHIPPED_S2D, "s2d")])
+def test_shipped_weights_load(path, arch):
+    model, ckpt = load_model(path, torch.device("cpu"))
+    assert 0 < ckpt["threshold"] < 1 and ckpt["config"]["norm"] and ckpt["config"]["arch"] == arch
+    assert os.path.getsize(path) < 8 * 2 ** 20
 
 
 def test_shipped_weights_segment_a_photograph(tmp_path):
@@ -46,13 +47,17 @@ def test_shipped_weights_segment_a_photograph(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(REAL_DRIVE), reason="DRIVE not beside the checkout")
-def test_shipped_weights_reproduce_readme(tmp_path):
+@pytest.mark.parametrize("checkpoint, label", [(None, "shipped weights"),
+                                               ("drive_s2d.pt", "shipped space-to-depth weights")])
+def test_shipped_weights_reproduce_readme(tmp_path, checkpoint, label):
     assert run_script("dataset.py", "--drive", REAL_DRIVE, cwd=tmp_path).returncode == 0
-    r = run_script("test.py", "--device", "cpu", cwd=tmp_path)  # no runs/ here: the shipped weights
+    # no runs/ here: without --checkpoint test.py takes the shipped weights
+    extra = ["--checkpoint", SHIPPED_S2D] if checkpoint else []
+    r = run_script("test.py", "--device", "cpu", *extra, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "weights/drive_unet.pt" in r.stdout
+    assert f"weights/{checkpoint or 'drive_unet.pt'}" in r.stdout
     pooled = json.load(open(tmp_path / "results" / "metrics.json"))["pooled"]
-    for k, v in readme_row("shipped weights").items():
+    for k, v in readme_row(label).items():
         assert abs(pooled[k] - v) <= 2e-4, (k, pooled[k], v)
     if os.path.isfile(REFEREE):
         masks = subprocess.run([sys.executable, REFEREE, tmp_path / "results" / "pred"],
