@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import REAL_DRIVE, REFEREE, ROOT, run_script
 from dataset import synthetic_fundus
-from utils import SHIPPED_S2D, SHIPPED_WEIGHTS, load_model
+from utils import SHIPPED_S2D, SHIPPED_WEIGHTS, int8_levels, load_model
 
 README_COLUMNS = ["f1", "auc", "accuracy"]  # the first three numbers of README's result rows
 
@@ -74,10 +74,12 @@ def test_shipped_weights_reproduce_readme(tmp_path, checkpoint, label):
                     reason="int8 inference needs PyTorch's x86 quantized engine")
 def test_shipped_weights_int8_reproduce_readme(tmp_path):
     """--precision int8 with the shipped calibration prints README's int8 row (8-bit activations
-    where the CPU has VNNI, 7-bit elsewhere: within 1e-4 of each other on DRIVE)."""
+    where the CPU has VNNI, 7-bit elsewhere: F1 0.83215 against 0.83226, 0.00015 from the row's
+    rounded 0.8323, so those CPUs get 1e-4 more room)."""
     assert run_script("dataset.py", "--drive", REAL_DRIVE, cwd=tmp_path).returncode == 0
     r = run_script("test.py", "--precision", "int8", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     pooled = json.load(open(tmp_path / "results" / "metrics.json"))["pooled"]
+    tolerance = 2e-4 if int8_levels() == 256 else 3e-4
     for k, v in readme_row("int8 inference of the shipped weights").items():
-        assert abs(pooled[k] - v) <= 2e-4, (k, pooled[k], v)
+        assert abs(pooled[k] - v) <= tolerance, (k, pooled[k], v)
