@@ -47,15 +47,14 @@ def test_shipped_weights_segment_a_photograph(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(REAL_DRIVE), reason="DRIVE not beside the checkout")
-@pytest.mark.parametrize("checkpoint, label", [(None, "shipped weights"),
-                                               ("drive_s2d.pt", "shipped space-to-depth weights")])
-def test_shipped_weights_reproduce_readme(tmp_path, checkpoint, label):
+@pytest.mark.parametrize("extra, name, label", [
+    ([], "weights/drive_unet.pt", "shipped weights"),  # no runs/ here: test.py's default
+    (["--checkpoint", SHIPPED_S2D], "weights/drive_s2d.pt", "shipped space-to-depth weights")])
+def test_shipped_weights_reproduce_readme(tmp_path, extra, name, label):
     assert run_script("dataset.py", "--drive", REAL_DRIVE, cwd=tmp_path).returncode == 0
-    # no runs/ here: without --checkpoint test.py takes the shipped weights
-    extra = ["--checkpoint", SHIPPED_S2D] if checkpoint else []
     r = run_script("test.py", "--device", "cpu", *extra, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert f"weights/{checkpoint or 'drive_unet.pt'}" in r.stdout
+    assert name in r.stdout
     pooled = json.load(open(tmp_path / "results" / "metrics.json"))["pooled"]
     for k, v in readme_row(label).items():
         assert abs(pooled[k] - v) <= 2e-4, (k, pooled[k], v)
