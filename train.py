@@ -40,7 +40,11 @@ from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, b
 
 INT8_ARCHS = ("unet", "s2d")  # --precision int8 was measured on these, not on the W-Net
 STARTED = time.time()  # --time-budget counts from here: data loading included, imports (~2 s) not
-EPOCHS = 108
+# --batch-size and --epochs by --arch: the plain U-Net (the shipped weights' recipe) takes 4 crops a
+# step for 120 epochs; the others 2 a step for 108, which passed the held-out screens against 4 for
+# 120 with s2d, each epoch ~1.1x the time (README, Two crops a step)
+STEPS = {"unet": (4, 120)}
+OTHER_STEPS = (2, 108)
 # s2d's default finest width as a multiple of --base: 40 at base 16 scored above the U-Net's
 # validation F1 and AUC over 3 held-out seeds, in about half its CPU time (README)
 S2D_TOP = 2.5
@@ -60,17 +64,18 @@ def get_args(argv=None):
                    help="run folder: model.pt (the final model and threshold, for test.py and "
                         "predict.py), last.pt (everything, for --resume), log.csv, curves.png")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs to train in all (default: {EPOCHS}; with --resume, the checkpoint's)")
+                   help=f"epochs to train in all (default: {STEPS['unet'][1]} for unet, {OTHER_STEPS[1]} for "
+                        "the others; with --resume, the checkpoint's)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                    help="fit the whole command into MIN minutes of this machine: the number of "
                         "epochs (at most --epochs) is set from the time of the warm-up's epochs, and "
                         "the cosine schedule spans it (README: what 30 minutes buy on different CPUs)")
-    p.add_argument("--batch-size", type=int, default=2,
-                   help="crops per optimizer step; 2 passed the held-out screens against 4 (each "
-                        "epoch ~1.1x the time, so the default runs 108 epochs, not 4's 120; README)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"crops per optimizer step (default: {STEPS['unet'][0]} for unet, {OTHER_STEPS[0]} "
+                        "for the others, where it passed the held-out screens against 4 for s2d; README)")
     p.add_argument("--crop", type=int, default=256,
                    help="side of the random training crops: a multiple of 2**D at --depth D, of 2**(D+1) "
-                        "for --arch s2d and s2dw (8 for the default s2d at depth 2, 16 for unet, 32 for s2dw)")
+                        "for --arch s2d and s2dw (16 for the default unet, 8 for s2d at its depth 2, 32 for s2dw)")
     p.add_argument("--crops-per-image", type=int, default=13,
                    help="crops drawn from each training image per epoch")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
@@ -106,14 +111,13 @@ def get_args(argv=None):
                         "cubic between them; 0: none. 4, screened held out over 2 seeds, scored 0.0001 "
                         "AUC and 0.0010 F1 lower, not kept (README)")
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
-    p.add_argument("--arch", choices=tuple(ARCHS), default="s2d",
-                   help="the U-Net on 2x2 pixel blocks (space-to-depth: every level at half the "
-                        "U-Net's resolution, about half its training time for its scores with a "
-                        "wider finest level, crops multiple of 32; README); the U-Net itself; "
+    p.add_argument("--arch", choices=tuple(ARCHS), default="unet",
+                   help="the U-Net (the shipped weights' network); the U-Net on 2x2 pixel blocks (s2d, "
+                        "space-to-depth: every level at half the U-Net's resolution, its finest level "
+                        "wider, about half the training time, 0.003 lower F1 on the test set; README); "
                         "two U-Nets in cascade (wnet: the second refines the first); or two space-"
-                        "to-depth U-Nets in cascade (s2dw: the default's network, then one half as "
-                        "wide; 1.34x the training time, it scored below the default at equal time "
-                        "held out, README)")
+                        "to-depth U-Nets in cascade (s2dw: s2d's network, then one half as wide; 1.34x "
+                        "the training time, it scored below s2d at equal time held out, README)")
     p.add_argument("--base", type=int, default=16, help="U-Net base width (64 is the paper's)")
     p.add_argument("--top-width", type=int, default=None, dest="top",
                    help="width of the finest level instead of --base (unet, s2d, s2dw's first stage) "
@@ -122,7 +126,7 @@ def get_args(argv=None):
                    help="s2d: end in R feature maps at full resolution (pixel-shuffled from the half-"
                         "resolution net) that one 3x3 block, with the image beside them, turns into "
                         "the logits: a full-resolution stage for thin vessels; 0: none. --top-width 32 "
-                        "--refine 8, screened against the default, did not gain (README)")
+                        "--refine 8, screened against s2d's defaults, did not gain (README)")
     p.add_argument("--depth", type=int, default=None,
                    help="down-samplings of the U-Net (unet, s2d): 4 is the paper's; fewer drop its "
                         f"coarsest levels (default: {S2D_DEPTH} for s2d, which scored above 4 held out "
@@ -185,6 +189,10 @@ def get_args(argv=None):
         args.top = round(S2D_TOP * args.base)
     if args.depth is None:
         args.depth = S2D_DEPTH if args.arch == "s2d" else DEPTH
+    if args.batch_size is None:
+        args.batch_size = STEPS.get(args.arch, OTHER_STEPS)[0]
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.depth < 1 or (args.depth != DEPTH and args.arch not in ("unet", "s2d")):
         p.error(f"--depth must be at least 1 and is for --arch unet or s2d, got {args.depth} for {args.arch}")
     multiple = ARCHS[args.arch].multiple * 2 ** args.depth // 2 ** DEPTH  # the class's is at DEPTH
@@ -383,7 +391,7 @@ def main(argv=None):
         cfg.setdefault("affine_first", False)
         cfg.setdefault("elastic", 0.0)
     else:
-        cfg = dict(vars(args), epochs=args.epochs or EPOCHS)
+        cfg = dict(vars(args), epochs=args.epochs or STEPS.get(args.arch, OTHER_STEPS)[1])
     seeding(cfg["seed"])
     fitted = ("train", "val") if cfg["train_on_val"] else "train"
     train_ds = DriveDataset(cfg["data"], fitted, cfg["norm"], crop=cfg["crop"],
@@ -489,7 +497,7 @@ def set_budget_epochs(cfg, done, epoch_s, val_s):
     """Set cfg["epochs"] from the measured epoch time so the run ends within --time-budget."""
     # the threshold is chosen on 20 whole images with tta flips, validation scores 4 with one;
     # the int8 calibration then takes ~7 views' time per image (1 s per image, 20 s, on a 2-core
-    # AVX-512 Xeon for the default; on the CPU also after GPU training, inside the 5% spare there)
+    # AVX-512 Xeon for s2d; on the CPU also after GPU training, inside the 5% spare there)
     reserve = 5 * (cfg["tta"] + (7 if cfg["arch"] in INT8_ARCHS else 0)) * val_s
     elapsed = time.time() - STARTED
     epochs = epochs_in_budget(60 * cfg["time_budget"], elapsed, done, epoch_s, reserve, cfg["epochs"])

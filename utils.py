@@ -21,7 +21,7 @@ from model import DEPTH, S2DUNet, S2DWNet, UNet, WNet, fold_batchnorm, pad_to_mu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_WEIGHTS = os.path.join(HERE, "weights", "drive_unet.pt")  # the plain U-Net (--arch unet)
-SHIPPED_S2D = os.path.join(HERE, "weights", "drive_s2d.pt")  # the default recipe's space-to-depth U-Net
+SHIPPED_S2D = os.path.join(HERE, "weights", "drive_s2d.pt")  # the space-to-depth U-Net (train.py --arch s2d)
 
 
 UMASK = os.umask(0o022)  # read it (only settable): os.umask returns the previous mask

@@ -135,10 +135,10 @@ def test_s2d_trains_and_predicts(synthetic, tmp_path):
 
 
 def test_default_s2d_is_two_levels_deep(synthetic, tmp_path):
-    """The default s2d halves its input twice (--depth 2, crops of 8s): the checkpoint carries the
+    """s2d by default halves its input twice (--depth 2, crops of 8s): the checkpoint carries the
     depth, and test.py rebuilds the shallower network."""
-    r = run_script("train.py", "--data", synthetic / "data", "--crop", 24, "--base", 2, "--max-steps", 2,
-                   "--precision", "fp32", "--no-tta", "--out", tmp_path / "s", cwd=tmp_path)
+    r = run_script("train.py", "--data", synthetic / "data", "--arch", "s2d", "--crop", 24, "--base", 2,
+                   "--max-steps", 2, "--precision", "fp32", "--no-tta", "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "depth 2" in r.stdout
     ckpt = torch.load(tmp_path / "s" / "model.pt", weights_only=False)
@@ -153,8 +153,9 @@ def test_default_s2d_is_two_levels_deep(synthetic, tmp_path):
 def test_residual_s2d_trains_and_tests_in_int8(synthetic, tmp_path):
     """--residual reaches the checkpoint; test.py rebuilds the network, and its int8 form (traced by
     torch.fx through the residual blocks) is calibrated by train.py and runs in test.py."""
-    r = run_script("train.py", "--data", synthetic / "data", "--crop", 24, "--base", 2, "--max-steps", 2,
-                   "--residual", "--precision", "fp32", "--no-tta", "--out", tmp_path / "s", cwd=tmp_path)
+    r = run_script("train.py", "--data", synthetic / "data", "--arch", "s2d", "--crop", 24, "--base", 2,
+                   "--max-steps", 2, "--residual", "--precision", "fp32", "--no-tta", "--out", tmp_path / "s",
+                   cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "residual" in r.stdout and "int8 calibrated" in r.stdout
     assert torch.load(tmp_path / "s" / "model.pt", weights_only=False)["config"]["residual"] is True
@@ -223,22 +224,23 @@ def test_eta_counts_only_this_sessions_epochs():
     assert train.eta(history, 0, 3) == ""  # the last epoch: nothing left
 
 
-def test_default_recipe_is_the_s2d_unet_with_a_wider_top():
+def test_default_recipe_is_the_shipped_unet_and_s2d_keeps_its_own_defaults():
     import train
-    args = train.get_args([])
-    assert (args.arch, args.base, args.top, args.crop) == ("s2d", 16, 40, 256)
-    assert train.get_args(["--base", "4"]).top == 10  # 2.5x --base for s2d
-    assert train.get_args(["--top-width", "24"]).top == 24
-    assert train.get_args(["--arch", "unet"]).top is None  # the U-Net keeps --base
-    assert train.get_args(["--arch", "s2dw"]).top == 40  # the cascade's first stage is the default network
-    assert train.get_args([]).depth == 2 and train.get_args(["--crop", "248"]).crop == 248  # s2d: 2
-    assert train.get_args(["--arch", "unet"]).depth == train.get_args(["--arch", "s2dw"]).depth == 4
-    assert train.get_args(["--depth", "4", "--crop", "224"]).depth == 4
-    for bad in (["--arch", "wnet", "--depth", "3"], ["--depth", "0"], ["--depth", "3", "--crop", "248"],
-                ["--depth", "4", "--crop", "248"], ["--arch", "unet", "--crop", "248"]):
+    args = train.get_args([])  # the shipped weights' recipe: --arch unet --batch-size 4 --epochs 120
+    assert (args.arch, args.base, args.top, args.depth, args.batch_size, args.crop) == ("unet", 16, None, 4, 4, 256)
+    s2d = ["--arch", "s2d"]
+    assert (train.get_args(s2d).top, train.get_args(s2d).depth, train.get_args(s2d).batch_size) == (40, 2, 2)
+    assert train.get_args(s2d + ["--base", "4"]).top == 10  # 2.5x --base for s2d
+    assert train.get_args(s2d + ["--top-width", "24"]).top == 24
+    assert train.get_args(["--arch", "s2dw"]).top == 40  # the cascade's first stage is s2d's network
+    assert train.get_args(s2d + ["--crop", "248"]).crop == 248  # s2d at depth 2: multiples of 8
+    assert train.get_args(["--arch", "s2dw"]).depth == 4 and train.get_args(["--batch-size", "1"]).batch_size == 1
+    assert train.get_args(s2d + ["--depth", "4", "--crop", "224"]).depth == 4
+    for bad in (["--arch", "wnet", "--depth", "3"], ["--depth", "0"], s2d + ["--depth", "3", "--crop", "248"],
+                s2d + ["--depth", "4", "--crop", "248"], ["--crop", "248"], ["--batch-size", "0"]):
         with pytest.raises(SystemExit):
             train.get_args(bad)
-    r = run_script("train.py", "--crop", 250, cwd=".")
+    r = run_script("train.py", "--arch", "s2d", "--crop", 250, cwd=".")
     assert r.returncode == 2 and "multiple of 8 for --arch s2d at --depth 2, got 250" in r.stderr, r.stderr
 
 
