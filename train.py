@@ -1,7 +1,7 @@
 """Train a U-Net on data/ (prepared by dataset.py); writes the final model and its threshold.
 
-    python train.py                      # the README's recipe (the space-to-depth U-Net, --arch s2d)
-    python train.py --arch unet          # the U-Net at full resolution
+    python train.py                      # the shipped weights' recipe: the U-Net, base 16
+    python train.py --arch s2d           # the space-to-depth U-Net: about half the time
     python train.py --resume             # continue runs/unet/last.pt exactly
     python train.py --max-steps 5        # smoke test
 
