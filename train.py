@@ -43,8 +43,7 @@ STARTED = time.time()  # --time-budget counts from here: data loading included, 
 # --batch-size and --epochs by --arch: the plain U-Net (the shipped weights' recipe) takes 4 crops a
 # step for 120 epochs; the others 2 a step for 108, which passed the held-out screens against 4 for
 # 120 with s2d, each epoch ~1.1x the time (README, Two crops a step)
-STEPS = {"unet": (4, 120)}
-OTHER_STEPS = (2, 108)
+STEPS = {"unet": (4, 120), "s2d": (2, 108), "wnet": (2, 108), "s2dw": (2, 108)}
 # s2d's default finest width as a multiple of --base: 40 at base 16 scored above the U-Net's
 # validation F1 and AUC over 3 held-out seeds, in about half its CPU time (README)
 S2D_TOP = 2.5
@@ -64,14 +63,14 @@ def get_args(argv=None):
                    help="run folder: model.pt (the final model and threshold, for test.py and "
                         "predict.py), last.pt (everything, for --resume), log.csv, curves.png")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs to train in all (default: {STEPS['unet'][1]} for unet, {OTHER_STEPS[1]} for "
+                   help=f"epochs to train in all (default: {STEPS['unet'][1]} for unet, {STEPS['s2d'][1]} for "
                         "the others; with --resume, the checkpoint's)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                    help="fit the whole command into MIN minutes of this machine: the number of "
                         "epochs (at most --epochs) is set from the time of the warm-up's epochs, and "
                         "the cosine schedule spans it (README: what 30 minutes buy on different CPUs)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"crops per optimizer step (default: {STEPS['unet'][0]} for unet, {OTHER_STEPS[0]} "
+                   help=f"crops per optimizer step (default: {STEPS['unet'][0]} for unet, {STEPS['s2d'][0]} "
                         "for the others, where it passed the held-out screens against 4 for s2d; README)")
     p.add_argument("--crop", type=int, default=256,
                    help="side of the random training crops: a multiple of 2**D at --depth D, of 2**(D+1) "
@@ -190,7 +189,7 @@ def get_args(argv=None):
     if args.depth is None:
         args.depth = S2D_DEPTH if args.arch == "s2d" else DEPTH
     if args.batch_size is None:
-        args.batch_size = STEPS.get(args.arch, OTHER_STEPS)[0]
+        args.batch_size = STEPS[args.arch][0]
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.depth < 1 or (args.depth != DEPTH and args.arch not in ("unet", "s2d")):
@@ -391,7 +390,7 @@ def main(argv=None):
         cfg.setdefault("affine_first", False)
         cfg.setdefault("elastic", 0.0)
     else:
-        cfg = dict(vars(args), epochs=args.epochs or STEPS.get(args.arch, OTHER_STEPS)[1])
+        cfg = dict(vars(args), epochs=args.epochs or STEPS[args.arch][1])
     seeding(cfg["seed"])
     fitted = ("train", "val") if cfg["train_on_val"] else "train"
     train_ds = DriveDataset(cfg["data"], fitted, cfg["norm"], crop=cfg["crop"],
