@@ -34,7 +34,7 @@ from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
 from model import ACTS, DEPTH, Cascade, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, DriveDataset, read_split_meta  # noqa: E402
 from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, best_threshold,  # noqa: E402
-                   bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device,
+                   bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device, grown_box,
                    inference_model, int8_ranges, network_window, predict_probs, read_checkpoint, run_main,
                    scores, seeding, torch_save, tta_text, tta_views)
 
@@ -159,7 +159,7 @@ def get_args(argv=None):
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="training arithmetic: bf16 mixed precision (about 1.8x faster where the "
                         "device runs it natively), fp32, or auto (bf16 when native, else fp32); "
-                        "the per-epoch validation runs in fp32, the final threshold's inference as "
+                        "the per-epoch validation runs in it too, the final threshold's inference as "
                         "test.py's default does (bf16 where native)")
     p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CKPT",
@@ -288,15 +288,20 @@ def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
 
 
 @torch.no_grad()
-def validate(model, dataset, loss_fn, device):
-    """Full validation images at native size: mean loss, F1 at 0.5, best threshold and its F1."""
+def validate(model, dataset, loss_fn, device, bf16):
+    """Full validation images at native size: mean loss, F1 at 0.5, best threshold and its F1.
+
+    As test.py predicts (one view): only the FOV's window goes through the network, in bf16 when
+    `bf16`. Both only trace the fit: nothing is chosen on them, and they leave the weights alone."""
     model.eval()
     losses, probs, truths = [], [], []
     for i in range(len(dataset)):
         image, mask, fov, _ = dataset[i]
+        y0, y1, x0, x1 = grown_box(fov_box(fov[0].bool().numpy()), *image.shape[-2:], model.multiple)
+        image, mask, fov = (t[:, y0:y1, x0:x1] for t in (image, mask, fov))  # (C|1, h, w): FOV inside
         x, (h, w) = pad_to_multiple(image[None].to(device), model.multiple)  # (1,C,H',W')
-        x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x)[..., :h, :w]  # (1,1,H,W)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x.contiguous(memory_format=torch.channels_last))[..., :h, :w].float()  # (1,1,h,w)
         losses.append(loss_fn(logits, mask[None].to(device), fov[None].to(device)).item())
         inside = fov[0].bool().numpy()
         probs.append(torch.sigmoid(logits)[0, 0].cpu().numpy()[inside])
@@ -439,7 +444,7 @@ def main(argv=None):
         train_loss, step = train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
                                        step, cfg["max_steps"], epoch)
         t_val = time.time()
-        val_loss, val_f1, threshold, val_f1_best = validate(scored, val_ds, loss_fn, device)
+        val_loss, val_f1, threshold, val_f1_best = validate(scored, val_ds, loss_fn, device, bf16)
         t_val = time.time() - t_val
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val_loss)

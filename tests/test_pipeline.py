@@ -330,3 +330,21 @@ def test_inference_copy_keeps_what_fp16_cannot_hold():
     with torch.no_grad():
         ref, out = net(x), inference_model(copy, "model.pt")(x)
     assert torch.allclose(out, ref, atol=1e-2 * ref.std().item()), (out - ref).abs().max()
+
+
+def test_validation_in_bf16_scores_like_fp32(trained):
+    """The per-epoch validation runs in the training arithmetic, on the FOV's window as test.py
+    predicts: bf16 must give the fp32 loss and F1 to within rounding, whatever the window cuts."""
+    import train
+    from loss import DiceBCELoss
+    from preprocess import DriveDataset
+    from utils import build_model
+    ckpt = torch.load(trained / "runs" / "unet" / "last.pt", weights_only=False)
+    model = build_model(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    dataset = DriveDataset(str(trained / "data"), "val", ckpt["config"]["norm"])
+    fp32 = train.validate(model, dataset, DiceBCELoss(), torch.device("cpu"), bf16=False)
+    bf16 = train.validate(model, dataset, DiceBCELoss(), torch.device("cpu"), bf16=True)
+    assert all(np.isfinite(v) for v in fp32 + bf16) and 0 < fp32[2] < 1
+    assert abs(fp32[0] - bf16[0]) < 0.01 and abs(fp32[3] - bf16[3]) < 0.02, (fp32, bf16)
+    assert ckpt["history"][-1]["val_loss"] == pytest.approx(fp32[0], abs=0.02)  # as train.py logged it
