@@ -289,10 +289,11 @@ def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
 
 @torch.no_grad()
 def validate(model, dataset, loss_fn, device, bf16):
-    """Full validation images at native size: mean loss, F1 at 0.5, best threshold and its F1.
+    """Validation images at native size: mean loss, F1 at 0.5, best threshold and its F1.
 
-    As test.py predicts (one view): only the FOV's window goes through the network, in bf16 when
-    `bf16`. Both only trace the fit: nothing is chosen on them, and they leave the weights alone."""
+    Predicted as test.py predicts them (one view): only the FOV's window, grown to the network's
+    multiple, goes through the network, in bf16 when `bf16`. These numbers only trace the fit:
+    nothing is chosen on them, and computing them leaves the weights alone."""
     model.eval()
     losses, probs, truths = [], [], []
     for i in range(len(dataset)):
