@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.fx
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
@@ -436,29 +437,99 @@ def _int8_mapping(observer, levels=256):
     qconfig = QConfig(activation=observer.with_args(dtype=torch.quint8, quant_min=0, quant_max=levels - 1),
                       weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8,
                                                                 qscheme=torch.per_channel_symmetric))
-    # the 2x2 up-convolutions stay fp32: quantized (fbgemm has them per tensor only) they
-    # alone changed 8.5% of the shipped weights' mask pixels on training images, 0.13% without
-    return (get_default_qconfig_mapping("x86").set_global(qconfig)
-            .set_object_type(torch.nn.ConvTranspose2d, None))
+    return get_default_qconfig_mapping("x86").set_global(qconfig)
+
+
+def int8_network(model):
+    """A copy of `model` (eval, BatchNorm folded, CPU) computing the same map in the form int8
+    quantizes best. Each 2x2 stride-2 up-convolution becomes a 1x1 convolution to 4x the channels
+    and a rearrangement (upconv_as_conv): fbgemm quantizes a transposed convolution's weights per
+    tensor only, which alone changed 8.5% of the mask pixels of the weights shipped in early
+    versions, so those ran in fp32 (0.13%), a quarter of the network's time on a Zen 4 CPU; a 1x1
+    convolution's weights go per output channel (0.061% of the shipped U-Net's mask pixels, in
+    ~0.8x the time). And the Identity that fold_batchnorm leaves between each convolution and its
+    ReLU is dropped, so the two fuse."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, up in list(parent.named_children()):
+            if isinstance(up, torch.nn.ConvTranspose2d):
+                setattr(parent, name, upconv_as_conv(up))
+    graph = torch.fx.symbolic_trace(model)
+    for node in list(graph.graph.nodes):
+        if node.op == "call_module" and isinstance(graph.get_submodule(node.target), torch.nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+    graph.delete_all_unused_submodules()
+    graph.recompile()
+    graph.in_ch, graph.multiple = model.in_ch, model.multiple
+    return graph
+
+
+def upconv_as_conv(up):
+    """nn.ConvTranspose2d(C, D, 2, stride=2) as the same map in two steps: a 1x1 convolution
+    (N,C,H,W) -> (N,4D,H,W), whose output channel (2a+b)D+d is pixel (a, b) of each 2x2 block of
+    channel d, and UpConv's rearrangement of those into (N,D,2H,2W)."""
+    if up.kernel_size != (2, 2) or up.stride != (2, 2) or up.padding != (0, 0) or up.groups != 1:
+        raise ValueError(f"only 2x2 stride-2 up-convolutions, got {up}")
+    c, d = up.weight.shape[:2]  # ConvTranspose2d weight: (C, D, 2, 2)
+    conv = torch.nn.Conv2d(c, 4 * d, 1, bias=up.bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(up.weight.permute(2, 3, 1, 0).reshape(4 * d, c, 1, 1))
+        if up.bias is not None:
+            conv.bias.copy_(up.bias.repeat(4))
+    return UpConv(conv)
+
+
+class UpConv(torch.nn.Module):
+    """upconv_as_conv's two steps. The 1x1 convolution's output is channels-last, (N,H,W,4D) in
+    memory with the 4D as (a, b, D); one copy of it as (N,H,a,W,b,D) is (N,2H,2W,D): the result
+    in channels-last, the layout of the skip it is concatenated with (pixel_shuffle on int8
+    tensors copies twice, and cat of mixed layouts falls back to fp32)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        y = self.conv(x)  # (N,4D,H,W)
+        n, c4, h, w = y.shape
+        y = y.permute(0, 2, 3, 1).reshape(n, h, w, 2, 2, c4 // 4)  # (N,H,W,a,b,D)
+        y = y.permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c4 // 4)  # (N,2H,2W,D), copied
+        return y.permute(0, 3, 1, 2)  # (N,D,2H,2W), channels-last
 
 
 def int8_ranges(model, inputs):
     """Calibrate int8 inference: the range each activation of `model` (eval, BatchNorm folded,
     CPU) is quantized over, chosen from its histogram over `inputs` ((1,C,H,W) tensors, the
-    network's inputs) to minimise the rounding error. Returns {name: [lo, hi]}."""
+    network's inputs) to minimise the rounding error. Returns {name: [lo, hi]}, named by the
+    output each range quantizes (a node of int8_network's graph, e.g. "decoders_0_up_conv")."""
     from torch.ao.quantization.observer import HistogramObserver
     from torch.ao.quantization.quantize_fx import prepare_fx
     _silence_quantization_notices()
     with torch.no_grad():
-        observed = prepare_fx(copy.deepcopy(model), _int8_mapping(HistogramObserver), (inputs[0],))
+        observed = prepare_fx(int8_network(model), _int8_mapping(HistogramObserver), (inputs[0],))
         for x in inputs:
             observed(x)
         ranges = {}
-        for name, observer in observed.named_modules():
-            if isinstance(observer, HistogramObserver):
-                scale, zero = (float(v) for v in observer.calculate_qparams())
-                ranges[name] = [-zero * scale, (255 - zero) * scale]  # what uint8 0..255 spans
+        for name, observer in _observers(observed, HistogramObserver).items():
+            scale, zero = (float(v) for v in observer.calculate_qparams())
+            ranges[name] = [-zero * scale, (255 - zero) * scale]  # what uint8 0..255 spans
     return ranges
+
+
+def _observers(observed, kind):
+    """{name: observer} of a prepare_fx network, each observer named by the first output it
+    observes (a node of int8_network's graph; reshapes and cat share their input's observer).
+    Named so, a calibration made for another form of the network (before the up-convolutions
+    ran in int8 its ranges were numbered, activation_post_process_N) cannot pass for this one's."""
+    found = {}
+    for node in observed.graph.nodes:
+        observer = observed.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(observer, kind) and all(o is not observer for o in found.values()):
+            if node.args[0].name in found:
+                raise ValueError(f"two observers of {node.args[0].name}")
+            found[node.args[0].name] = observer
+    return found
 
 
 def int8_levels():
@@ -477,10 +548,11 @@ def quantize_int8(model, ranges, path="checkpoint", levels=None):
         levels = int8_levels()
     example = torch.zeros(1, model.in_ch, model.multiple, model.multiple)
     _silence_quantization_notices()
-    observed = prepare_fx(copy.deepcopy(model), _int8_mapping(MinMaxObserver, levels), (example,))
-    observers = {n: m for n, m in observed.named_modules() if isinstance(m, MinMaxObserver)}
+    observed = prepare_fx(int8_network(model), _int8_mapping(MinMaxObserver, levels), (example,))
+    observers = _observers(observed, MinMaxObserver)
     if set(observers) != set(ranges):
-        raise UserError(f"{path}: its int8 calibration does not fit this network; use --precision fp32")
+        raise UserError(f"{path}: its int8 calibration does not fit this network (calibrations made before "
+                        "the up-convolutions ran in int8 do not; train.py makes a new one); use --precision fp32")
     for name, (lo, hi) in ranges.items():
         observers[name].min_val.fill_(lo)  # min/max observers then give uint8 exactly [lo, hi]
         observers[name].max_val.fill_(hi)

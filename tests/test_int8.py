@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from model import S2DUNet, UNet, fold_batchnorm
-from utils import UserError, inference_device, int8_levels, int8_ranges, load_model, quantize_int8, torch_save
+from utils import (UserError, inference_device, int8_levels, int8_network, int8_ranges, load_model, quantize_int8,
+                   torch_save, upconv_as_conv)
 
 pytestmark = pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines,
                                 reason="int8 inference needs PyTorch's x86 quantized engine")
@@ -68,10 +69,50 @@ def test_stored_ranges_rebuild_the_calibrated_network():
     assert (seven - ref).abs().mean() < 0.05 * ref.std(), ((seven - ref).abs().mean(), ref.std())
 
 
+def test_upconv_as_conv_is_the_transposed_convolution():
+    """Known answer: the 1x1 convolution and the rearrangement compute ConvTranspose2d(2, stride 2),
+    and every output pixel of a 2x2 block comes from its own weights (a one-hot input picks them)."""
+    torch.manual_seed(0)
+    up = torch.nn.ConvTranspose2d(5, 3, 2, stride=2)
+    x = torch.randn(2, 5, 4, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, out = up(x), upconv_as_conv(up)(x)
+        assert out.shape == (2, 3, 8, 12) and out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(out, ref, atol=1e-6)
+        one = torch.zeros(1, 5, 1, 1)
+        one[0, 2] = 1
+        assert torch.allclose(upconv_as_conv(up)(one)[0], up.weight[2] + up.bias[:, None, None])
+    with pytest.raises(ValueError, match="2x2 stride-2"):
+        upconv_as_conv(torch.nn.ConvTranspose2d(5, 3, 3, stride=2))
+
+
+@pytest.mark.parametrize("net,kw", [(UNet, {}), (S2DUNet, {"top": 8}), (S2DUNet, {"top": 8, "residual": True})])
+def test_int8_network_computes_the_same_map(net, kw):
+    """The form int8 quantizes: no transposed convolution and no Identity left, the same outputs."""
+    model = trained_like(net, **kw)
+    form = int8_network(model)
+    kinds = {type(m) for m in form.modules()}
+    assert torch.nn.ConvTranspose2d not in kinds and torch.nn.Identity not in kinds
+    x = smooth_images(1, 3)[0]
+    with torch.no_grad():
+        assert torch.allclose(form(x), model(x), atol=1e-5)
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())  # the model is untouched
+
+
 def test_ranges_of_another_network_rejected():
     ranges = int8_ranges(trained_like(UNet), smooth_images(2, 2))
     with pytest.raises(UserError, match="does not fit"):
         quantize_int8(trained_like(S2DUNet, top=8), ranges, "other.pt")
+
+
+def test_calibration_of_the_earlier_int8_form_rejected():
+    """Ranges stored before the up-convolutions ran in int8 were numbered by observer; they
+    must not be applied to this form's observers, even where their number matches."""
+    model = trained_like(UNet)
+    ranges = int8_ranges(model, smooth_images(2, 2))
+    numbered = {f"activation_post_process_{i}": r for i, r in enumerate(ranges.values())}
+    with pytest.raises(UserError, match="before the up-convolutions ran in int8"):
+        quantize_int8(model, numbered, "old.pt")
 
 
 def test_int8_needs_calibration_and_the_cpu(tmp_path):
