@@ -444,11 +444,11 @@ def int8_network(model):
     """A copy of `model` (eval, BatchNorm folded, CPU) computing the same map in the form int8
     quantizes best. Each 2x2 stride-2 up-convolution becomes a 1x1 convolution to 4x the channels
     and a rearrangement (upconv_as_conv): fbgemm quantizes a transposed convolution's weights per
-    tensor only, which alone changed 8.5% of the mask pixels of the weights shipped in early
-    versions, so those ran in fp32 (0.13%), a quarter of the network's time on a Zen 4 CPU; a 1x1
-    convolution's weights go per output channel (0.061% of the shipped U-Net's mask pixels, in
-    ~0.8x the time). And the Identity that fold_batchnorm leaves between each convolution and its
-    ReLU is dropped, so the two fuse."""
+    tensor only, which alone changed 8.5% of the mask pixels of the weights shipped at the time
+    on training images, so those ran in fp32 (0.13%), a quarter of the network's time on a Zen 4
+    CPU; a 1x1 convolution's weights go per output channel (0.061% of the shipped U-Net's mask
+    pixels, in ~0.8x the time). And the Identity that fold_batchnorm leaves between each
+    convolution and its ReLU is dropped, so the two fuse."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, up in list(parent.named_children()):
@@ -502,7 +502,7 @@ def int8_ranges(model, inputs):
     """Calibrate int8 inference: the range each activation of `model` (eval, BatchNorm folded,
     CPU) is quantized over, chosen from its histogram over `inputs` ((1,C,H,W) tensors, the
     network's inputs) to minimise the rounding error. Returns {name: [lo, hi]}, named by the
-    output each range quantizes (a node of int8_network's graph, e.g. "decoders_0_up_conv")."""
+    output each range quantizes (a node of int8_network's graph, e.g. "encoders_0_pool")."""
     from torch.ao.quantization.observer import HistogramObserver
     from torch.ao.quantization.quantize_fx import prepare_fx
     _silence_quantization_notices()
