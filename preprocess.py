@@ -189,7 +189,7 @@ class Bend(A.DualTransform):
         return self._warp(mask, mask_maps or maps, self.mask_interpolation)
 
 
-def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.0):
+def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.0, scale=(0.8, 1.25)):
     """Online augmentation: random native-resolution crop, flips, rotation/scale,
     and photometric changes (brightness, contrast, gamma, and colour when there is any).
 
@@ -199,14 +199,16 @@ def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.
     affine_first: cut the rotated and scaled crop from the photograph (RotatedCrop). By default
     the crop is cut first and then rotated, so up to half its pixels (its corners, at 45
     degrees) are mirror images of its own border, with vessels that fold back at the seam.
-    elastic: bend every crop, after the rotation, by a smooth field of that many pixels (Bend)."""
+    elastic: bend every crop, after the rotation, by a smooth field of that many pixels (Bend).
+    scale: (min, max) of each axis' scale factor of the rotated crops (vessels that many times
+    as wide)."""
     colour = [A.HueSaturationValue(10, 20, 10, p=0.5)] if channels == 3 else []
     if affine_first:
-        cut, affine = [RotatedCrop(crop, soft=soft)], []
+        cut, affine = [RotatedCrop(crop, scale=scale, soft=soft)], []
     else:
         cut = [A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
                A.RandomCrop(crop, crop)]
-        affine = [A.Affine(scale=(0.8, 1.25), rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7,
+        affine = [A.Affine(scale=scale, rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7,
                            mask_interpolation=mask_interpolation(soft))]
     return A.Compose([
         *cut,
@@ -258,6 +260,17 @@ def _noise(rgb, sigma, seed):
     return np.clip(noisy, 0, 255).round().astype(np.uint8)
 
 
+def zoom_photo(rgb, fov, factor):
+    """The photograph (H,W,3) uint8 and its FOV mask (H,W) bool resized by `factor` (test.py --zoom):
+    vessels `factor` times as wide, as a camera with a narrower (factor > 1) or wider (< 1) angle of
+    view shows them when its FOV is brought to DRIVE's size. Area averaging when shrinking, so
+    thin vessels fade as a coarser sensor would render them; the mask to the nearest pixel."""
+    h, w = fov.shape
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    return rgb, cv2.resize(fov.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
 # Fixed, reproducible stand-ins for other cameras and files (test.py --corrupt): each maps a uint8
 # RGB photograph (H,W,3) and a seed (used by the noise alone) to a photograph of the same size.
 CORRUPTIONS = {
@@ -300,18 +313,19 @@ class DriveDataset(Dataset):
     (C = NORMS[norm]), mask (1,H,W) in {0,1}, fov (1,H,W) in {0,1}, and the id. With `crop`,
     returns augmented crops, a `degrade` fraction of them from a degraded photograph
     (degrade_transform); with `soft_labels`, the masks of rotated or scaled crops are in [0, 1]
-    (train_transform's soft); `affine_first` and `elastic`: train_transform's (rotated crops cut
-    from the photograph; bent crops)."""
+    (train_transform's soft); `affine_first`, `elastic` and `scale`: train_transform's (rotated
+    crops cut from the photograph; bent crops; the range of scale factors)."""
 
     def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0, soft_labels=False,
-                 affine_first=False, elastic=0.0):
+                 affine_first=False, elastic=0.0, scale=(0.8, 1.25)):
         splits = (split,) if isinstance(split, str) else tuple(split)
         self.items = [(os.path.join(data_dir, s), sid) for s in splits for sid in read_split(data_dir, s)]
         self.ids = [sid for _, sid in self.items]
         self.norm = norm
         self.repeats = repeats  # random crops drawn from each image per epoch
         self.soft_labels = bool(soft_labels and crop)
-        self.transform = train_transform(crop, NORMS[norm], self.soft_labels, affine_first, elastic) if crop else None
+        self.transform = train_transform(crop, NORMS[norm], self.soft_labels, affine_first, elastic,
+                                         tuple(scale)) if crop else None
         self.degrade = degrade if crop else 0.0
         self.degrader = degrade_transform()
         self.seed = 0

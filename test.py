@@ -4,6 +4,7 @@
     python test.py --checkpoint weights/drive_unet.pt --no-tta
     python test.py --checkpoint weights/drive_s2d.pt      # the shipped space-to-depth U-Net: 1.5-2x faster
     python test.py --corrupt jpeg40 --out results_jpeg    # robustness: degraded test photographs
+    python test.py --zoom 1.5 --out results_zoom1.5       # robustness: vessels 1.5x as wide
 
 Writes to --out: metrics.json (pooled over all test pixels, per-image mean/std, the
 second annotator, FPS), per_image.csv, summary.md (a Markdown table), pred/ID.png (binary masks), prob/ID.png
@@ -19,13 +20,14 @@ import os
 import matplotlib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 from tqdm import tqdm
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from preprocess import CORRUPTIONS, normalize_image, read_split  # noqa: E402
+from preprocess import CORRUPTIONS, normalize_image, read_split, zoom_photo  # noqa: E402
 from utils import (SHIPPED_WEIGHTS, HelpFormatter, Timer, add_inference_args, atomic_dir,  # noqa: E402
                    atomic_path, confusion, encode_probs, fov_box, inference_device, inference_options, load_model,
                    predict_probs, read_image, read_mask, run_main, save_png, scores, to_tensor_image,
@@ -33,6 +35,13 @@ from utils import (SHIPPED_WEIGHTS, HelpFormatter, Timer, add_inference_args, at
 
 METRICS = ["f1", "jaccard", "recall", "precision", "specificity", "accuracy"]
 TRAINED = os.path.join("runs", "unet", "model.pt")
+
+
+def zoom_factor(text):
+    value = float(text)
+    if not 0.1 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be between 0.1 and 10, got {text}")
+    return value
 
 
 def default_checkpoint():
@@ -58,6 +67,11 @@ def get_args(argv=None):
                         "quality 40, Gaussian blur sigma 1, a 0.6x resolution scaled back up, or Gaussian "
                         "noise of std 6 or 12 grey levels (seeded); truth, FOV and threshold are unchanged "
                         "(default: none)")
+    p.add_argument("--zoom", type=zoom_factor, default=1.0, metavar="S",
+                   help="resize every test photograph by S before it is normalised (vessels S times as wide, "
+                        "as a camera with a narrower, S > 1, or wider, S < 1, angle of view shows them at "
+                        "the same FOV size) and the probabilities back; scored at native size against the "
+                        "unchanged truth and FOV")
     add_inference_args(p)
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or default_checkpoint()
@@ -136,20 +150,25 @@ def evaluate(model, ckpt, args, device, out):
     root = os.path.join(args.data, args.split)
     ids = read_split(args.data, args.split)
     counts, rows, all_truth, all_probs, seconds = np.zeros(4, np.int64), [], [], [], 0.0
+    size = cfg.get("input_size")  # (W, H) of a checkpoint trained on resized photographs, zoomed along
+    size = size and (round(size[0] * args.zoom), round(size[1] * args.zoom))
     for k, sid in enumerate(tqdm(ids, desc="testing", unit="img")):
         image = read_image(os.path.join(root, "images", f"{sid}.png"), "RGB")
         if args.corrupt:
             image = CORRUPTIONS[args.corrupt](image, k)  # (H,W,3) uint8, seeded by the image's index
         truth = read_mask(os.path.join(root, "masks", f"{sid}.png"))
         fov = read_mask(os.path.join(root, "fov", f"{sid}.png"))
-        x = to_tensor_image(normalize_image(image, cfg["norm"], args.denoise, fov)).to(device)
-        box = fov_box(fov)  # only the FOV's surroundings go through the network
+        view, view_fov = zoom_photo(image, fov, args.zoom) if args.zoom != 1 else (image, fov)
+        x = to_tensor_image(normalize_image(view, cfg["norm"], args.denoise, view_fov)).to(device)
+        box = fov_box(view_fov)  # only the FOV's surroundings go through the network
         if k == 0:  # warm-up: first calls allocate and pick kernels
             for _ in range(2):
-                predict_probs(model, x, tta=tta, size=cfg.get("input_size"), bf16=bf16, box=box)
+                predict_probs(model, x, tta=tta, size=size, bf16=bf16, box=box)
         with Timer(device) as t:
-            probs = predict_probs(model, x, tta=tta, size=cfg.get("input_size"), bf16=bf16, box=box)
+            probs = predict_probs(model, x, tta=tta, size=size, bf16=bf16, box=box)  # (h, w) of the view
         seconds += t.seconds
+        if args.zoom != 1:  # back to the photograph's (H, W)
+            probs = F.interpolate(probs[None, None], size=fov.shape, mode="bilinear", align_corners=False)[0, 0]
         probs = probs.cpu().numpy() * fov  # zero outside the FOV
         prob8 = encode_probs(probs)  # what prob/ID.png stores; AUC is computed from it too
         pred = (probs >= threshold) & fov
@@ -168,7 +187,7 @@ def evaluate(model, ckpt, args, device, out):
     human = second_annotator(root, ids)
     plot_curves(os.path.join(out, "roc_pr.png"), all_truth, all_probs, pooled, human)
     return {"checkpoint": args.checkpoint, "split": args.split, "n_images": len(ids),
-            "corrupt": args.corrupt, "denoise": args.denoise, "threshold": threshold, "tta": tta,
+            "corrupt": args.corrupt, "zoom": args.zoom, "denoise": args.denoise, "threshold": threshold, "tta": tta,
             "precision": "int8" if args.precision == "int8" else "bf16" if bf16 else "fp32", "pooled": pooled,
             "per_image_mean": mean, "per_image_std": std, "second_annotator": human,
             "device": str(device), "batch_size": 1, "seconds_per_image": seconds / len(ids),
@@ -194,6 +213,7 @@ def markdown_table(m):
     if m["second_annotator"]:
         rows.append(("2nd human annotator", m["second_annotator"]))
     corrupt = f", {m['corrupt']}-corrupted" if m.get("corrupt") else ""
+    corrupt += f", zoomed {m['zoom']:g}x" if m.get("zoom", 1) != 1 else ""
     corrupt += ", not denoised" if m.get("denoise") is False else ""
     lines = [f"| {m['split']} split, {m['n_images']} images{corrupt} | " + " | ".join(cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
@@ -214,6 +234,7 @@ def report(m):
     if m["second_annotator"]:
         lines.append(report_line("2nd human annotator", m["second_annotator"]))
     corrupt = f" ({m['corrupt']}-corrupted)" if m.get("corrupt") else ""
+    corrupt += f" (zoomed {m['zoom']:g}x)" if m.get("zoom", 1) != 1 else ""
     corrupt += " (not denoised)" if m.get("denoise") is False else ""
     lines.append(f"{m['n_images']} images{corrupt}, threshold {m['threshold']:.3f}{tta_text(m['tta'])}; "
                  f"{m['seconds_per_image']:.3f} s/image ({m['fps']:.1f} FPS, batch 1, {m['device']}, "

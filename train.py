@@ -110,6 +110,9 @@ def get_args(argv=None):
                         "normal with this standard deviation (pixels) at control points 64 pixels apart, "
                         "cubic between them; 0: none. 4, screened held out over 2 seeds, scored 0.0001 "
                         "AUC and 0.0010 F1 lower, not kept (README)")
+    p.add_argument("--scale", type=float, nargs=2, default=(0.8, 1.25), metavar=("MIN", "MAX"),
+                   help="range of the random scale factor of each axis of the rotated training crops "
+                        "(vessels MIN to MAX times as wide as in the photograph)")
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
     p.add_argument("--arch", choices=tuple(ARCHS), default="unet",
                    help="the U-Net (the shipped weights' network); the U-Net on 2x2 pixel blocks (s2d, "
@@ -185,6 +188,8 @@ def get_args(argv=None):
         p.error(f"--act is for --arch unet or s2d, got {args.arch}")
     if args.elastic < 0:
         p.error(f"--elastic is a displacement in pixels and must be 0 or more, got {args.elastic}")
+    if not 0 < args.scale[0] <= args.scale[1]:
+        p.error(f"--scale needs 0 < MIN <= MAX, got {args.scale[0]:g} {args.scale[1]:g}")
     if args.top is None and args.arch in ("s2d", "s2dw"):
         args.top = round(S2D_TOP * args.base)
     if args.depth is None:
@@ -396,6 +401,7 @@ def main(argv=None):
         cfg.setdefault("act", "relu")
         cfg.setdefault("affine_first", False)
         cfg.setdefault("elastic", 0.0)
+        cfg.setdefault("scale", (0.8, 1.25))
     else:
         cfg = dict(vars(args), epochs=args.epochs or STEPS[args.arch][1])
     seeding(cfg["seed"])
@@ -403,7 +409,7 @@ def main(argv=None):
     train_ds = DriveDataset(cfg["data"], fitted, cfg["norm"], crop=cfg["crop"],
                             repeats=cfg["crops_per_image"], degrade=cfg["degrade"],
                             soft_labels=cfg["soft_labels"], affine_first=cfg["affine_first"],
-                            elastic=cfg["elastic"])
+                            elastic=cfg["elastic"], scale=cfg["scale"])
     val_ds = DriveDataset(cfg["data"], "val", cfg["norm"])
     steps_per_epoch = math.ceil(len(train_ds) / cfg["batch_size"])
     cfg["in_ch"] = NORMS[cfg["norm"]]

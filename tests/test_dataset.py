@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import REAL_DRIVE
 from preprocess import (CORRUPTIONS, NOISE_FLOOR, NORMS, Bend, DriveDataset, RotatedCrop, denoise_photo, fill_outside,
-                        noise_sigma, normalize_image)
+                        noise_sigma, normalize_image, train_transform, zoom_photo)
 
 
 def check_prepared(data, n_train, n_val, n_test, size):
@@ -248,6 +248,42 @@ def test_corruptions_keep_shape_and_repeat(name):
     assert out.shape == rgb.shape and out.dtype == np.uint8
     assert not np.array_equal(out, rgb)
     assert np.array_equal(out, CORRUPTIONS[name](rgb, 3))
+
+
+def edges_per_vessel_pixel(mask):
+    """Vessel/background transitions along rows and columns per vessel pixel: halves when the
+    vessels are twice as wide."""
+    m = mask.astype(int)
+    return (np.abs(np.diff(m, axis=0)).sum() + np.abs(np.diff(m, axis=1)).sum()) / max(m.sum(), 1)
+
+
+@pytest.mark.parametrize("affine_first", [False, True])
+def test_scale_range_widens_vessels(affine_first):
+    """train.py --scale: crops drawn with scale 2 show vessels twice as wide as with scale 1 (70 %
+    of crops are scaled, so the mean edge density falls to about 0.3 + 0.7 / 2 of scale 1's)."""
+    stripes = np.zeros((256, 256), np.uint8)
+    stripes[:, (np.arange(256) % 8) < 2] = 1  # vertical vessels 2 px wide, 8 px apart
+    rgb = np.repeat(stripes[..., None] * 200, 3, axis=2).astype(np.uint8)
+    density = {}
+    for scale in (1.0, 2.0):
+        t = train_transform(64, scale=(scale, scale), affine_first=affine_first)
+        t.set_random_seed(0)
+        density[scale] = np.mean([edges_per_vessel_pixel(t(image=rgb, mask=stripes)["mask"]) for _ in range(60)])
+    assert 0.5 < density[2.0] / density[1.0] < 0.8, density
+
+
+def test_zoom_photo_scales_photograph_and_fov():
+    """test.py --zoom: the photograph and its FOV are resized together; a 4 px vessel becomes
+    6 px wide at 1.5x and 2 px at 0.5x; the FOV stays a bool mask."""
+    rgb = np.zeros((40, 48, 3), np.uint8)
+    rgb[:, 20:24] = 255
+    fov = np.zeros((40, 48), bool)
+    fov[4:36, 4:44] = True
+    big, big_fov = zoom_photo(rgb, fov, 1.5)
+    assert big.shape == (60, 72, 3) and big_fov.shape == (60, 72) and big_fov.dtype == bool
+    assert (big[30, :, 0] > 127).sum() == 6 and big_fov.mean() == pytest.approx(fov.mean(), abs=0.02)
+    small, small_fov = zoom_photo(rgb, fov, 0.5)
+    assert small.shape == (20, 24, 3) and (small[10, :, 0] > 127).sum() == 2
 
 
 def test_corruption_levels():

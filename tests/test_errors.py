@@ -105,6 +105,10 @@ def test_bad_cli_values(tmp_path):
     assert r.returncode != 0 and "--beta2 must lie between 0 and 1" in r.stderr
     r = run_script("train.py", "--elastic", -3, cwd=tmp_path)
     assert r.returncode != 0 and "--elastic is a displacement in pixels and must be 0 or more" in r.stderr
+    r = run_script("train.py", "--scale", 1.2, 0.9, cwd=tmp_path)
+    assert r.returncode != 0 and "--scale needs 0 < MIN <= MAX, got 1.2 0.9" in r.stderr
+    r = run_script("test.py", "--zoom", 0, cwd=tmp_path)
+    assert r.returncode != 0 and "--zoom: must be between 0.1 and 10, got 0" in r.stderr
     r = run_script("dataset.py", "--synthetic", "--synthetic-size", "big", cwd=tmp_path)
     assert r.returncode != 0 and "WIDTHxHEIGHT" in r.stderr
 

@@ -98,13 +98,13 @@ def test_max_steps_smoke_other_options(synthetic, tmp_path):
     r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
                    "--arch", "wnet", "--norm", "green", "--loss", "bce", "--precision", "fp32", "--no-tta",
                    "--no-train-on-val", "--soft-labels", "--beta2", 0.95, "--affine-first", "--elastic", 2,
-                   "--out", tmp_path / "s", cwd=tmp_path)
+                   "--scale", 0.7, 1.4, "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "reached --max-steps 2" in r.stdout and "trained on too" not in r.stdout
     ckpt = torch.load(tmp_path / "s" / "last.pt", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["config"]["in_ch"] == 1 and ckpt["tta"] == 1
     assert ckpt["config"]["soft_labels"] is True and ckpt["config"]["affine_first"] is True
-    assert ckpt["config"]["elastic"] == 2
+    assert ckpt["config"]["elastic"] == 2 and tuple(ckpt["config"]["scale"]) == (0.7, 1.4)
     assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
     r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
                    "--out", tmp_path / "res", "--precision", "fp32", cwd=tmp_path)
@@ -205,6 +205,21 @@ def test_corrupt_scores_degraded_photographs(tested, trained, tmp_path):
     raw, smoothed = (np.array(Image.open(d / "prob" / "01.png")).astype(int)
                      for d in (tmp_path / "raw", tmp_path / "res"))
     assert np.abs(raw - smoothed).mean() > 0.3
+
+
+def test_zoom_scores_at_native_size(tested, trained, tmp_path):
+    """test.py --zoom 1.5: the network sees the photographs 1.5x as large, the masks and
+    probabilities come back at native size, unlike the plain run's, and the run is labelled."""
+    clean, _ = tested
+    r = run_script("test.py", "--zoom", 1.5, "--out", tmp_path / "res", cwd=trained)
+    assert r.returncode == 0, r.stderr
+    assert "zoomed 1.5x" in r.stdout and "zoomed 1.5x" in open(tmp_path / "res" / "summary.md").read()
+    m = json.load(open(tmp_path / "res" / "metrics.json"))
+    assert m["zoom"] == 1.5 and m["n_images"] == 3 and json.load(open(clean / "metrics.json"))["zoom"] == 1
+    zoomed, plain = (np.array(Image.open(d / "prob" / "01.png")).astype(int) for d in (tmp_path / "res", clean))
+    assert zoomed.shape == plain.shape and np.abs(zoomed - plain).mean() > 0.3
+    fov = np.array(Image.open(trained / "data" / "test" / "fov" / "01.png")) > 0
+    assert not zoomed[~fov].any()
 
 
 @pytest.mark.parametrize("script", ["dataset.py", "train.py", "test.py"])
