@@ -37,6 +37,7 @@ from utils import (SHIPPED_WEIGHTS, HelpFormatter, UserError, add_inference_args
 
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif")
 DRIVE_SIZE = (565, 584)  # (W, H) of DRIVE photographs, the scale --target-fov refers to
+DRIVE_ANGLE = 45.0  # degrees: the angle of view of DRIVE's camera (Canon CR5 non-mydriatic 3CCD)
 RESCALE_TOLERANCE = 0.10  # FOVs within 10% of the target are used as they are
 VESSEL_TINT = np.array([60, 255, 60], np.float32)  # bright green
 FOV_OUTLINE = (0, 170, 255)
@@ -60,6 +61,13 @@ def parse_target(text):
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"target FOV must be >= 0, got {text}")
+    return value
+
+
+def parse_angle(text):
+    value = float(text)
+    if not 5 <= value <= 200:
+        raise argparse.ArgumentTypeError(f"angle of view must be between 5 and 200 degrees, got {text}")
     return value
 
 
@@ -88,9 +96,16 @@ def get_args(argv=None):
                    help="FOV diameter the network was trained at (DRIVE's native scale; scaled along "
                         "when the checkpoint was trained on resized images); 0 keeps each "
                         "photograph's own scale")
+    p.add_argument("--fov-angle", type=parse_angle, default=DRIVE_ANGLE, metavar="DEGREES",
+                   help="the camera's angle of view: the FOV is brought to --target-fov x DEGREES / 45 "
+                        "pixels, so that vessels are as many pixels wide as in DRIVE, whose camera has 45; "
+                        "e.g. 30 for CHASE_DB1's, 35 for STARE's (README: Your own photographs)")
     p.add_argument("--tile", type=parse_tile, default=1024,
                    help="largest side run through the network at once; bigger images are tiled")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.target_fov == 0 and args.fov_angle != DRIVE_ANGLE:
+        p.error("--fov-angle rescales to --target-fov, which is 0 (each photograph's own scale)")
+    return args
 
 
 # ---------------------------------------------------------------- finding the inputs
@@ -206,11 +221,14 @@ def rescale_factor(fov, target):
 
 def training_target(args, cfg):
     """--target-fov refers to DRIVE's native size; a checkpoint trained on DRIVE resized
-    to input_size (W, H) saw FOVs scaled by the same factor (geometric mean of the axes)."""
+    to input_size (W, H) saw FOVs scaled by the same factor (geometric mean of the axes). A camera
+    with a narrower angle of view than DRIVE's shows the same vessels wider at the same FOV size,
+    so its FOV is brought to a proportionally smaller diameter (--fov-angle)."""
+    target = args.target_fov * args.fov_angle / DRIVE_ANGLE
     size = cfg.get("input_size")
     if not size:
-        return args.target_fov
-    return args.target_fov * float(np.sqrt(size[0] / DRIVE_SIZE[0] * size[1] / DRIVE_SIZE[1]))
+        return target
+    return target * float(np.sqrt(size[0] / DRIVE_SIZE[0] * size[1] / DRIVE_SIZE[1]))
 
 
 # ---------------------------------------------------------------- segmentation

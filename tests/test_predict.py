@@ -126,6 +126,24 @@ def test_predict_end_to_end(trained, tmp_path):
         assert np.array_equal(rle_decode(row["runs"], shape), masks[row["id"]])
 
 
+def test_fov_angle_shrinks_the_target(trained, tmp_path):
+    """--fov-angle 30 with --target-fov 90 is --target-fov 60 (90 x 30 / 45): the same maps,
+    different from --target-fov 90's; with --target-fov 0 it is refused."""
+    photo = tmp_path / "b.png"
+    write_synthetic(photo, 300, 280, 2)  # FOV ~263 px
+    maps = {}
+    for name, flags in (("angle", ("--target-fov", 90, "--fov-angle", 30)), ("60", ("--target-fov", 60)),
+                        ("90", ("--target-fov", 90))):
+        r = run_script("predict.py", photo, "--checkpoint", checkpoint(trained), "--out", tmp_path / name,
+                       "--no-tta", "--device", "cpu", *flags, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        maps[name] = np.array(Image.open(tmp_path / name / "b_prob.png")).astype(int)
+    assert np.array_equal(maps["angle"], maps["60"])
+    assert np.abs(maps["angle"] - maps["90"]).mean() > 0.3
+    r = run_script("predict.py", photo, "--target-fov", 0, "--fov-angle", 30, cwd=tmp_path)
+    assert r.returncode != 0 and "--fov-angle rescales to --target-fov, which is 0" in r.stderr
+
+
 def test_predict_missing_path(trained, tmp_path):
     out = tmp_path / "out"
     r = run_script("predict.py", tmp_path / "nope.png", "--checkpoint", checkpoint(trained),
