@@ -189,7 +189,10 @@ class Bend(A.DualTransform):
         return self._warp(mask, mask_maps or maps, self.mask_interpolation)
 
 
-def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.0, scale=(0.8, 1.25)):
+SCALE_RANGE = (0.8, 1.25)  # each axis' scale factor of the rotated training crops (train.py --scale)
+
+
+def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.0, scale=SCALE_RANGE):
     """Online augmentation: random native-resolution crop, flips, rotation/scale,
     and photometric changes (brightness, contrast, gamma, and colour when there is any).
 
@@ -317,7 +320,7 @@ class DriveDataset(Dataset):
     crops cut from the photograph; bent crops; the range of scale factors)."""
 
     def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0, soft_labels=False,
-                 affine_first=False, elastic=0.0, scale=(0.8, 1.25)):
+                 affine_first=False, elastic=0.0, scale=SCALE_RANGE):
         splits = (split,) if isinstance(split, str) else tuple(split)
         self.items = [(os.path.join(data_dir, s), sid) for s in splits for sid in read_split(data_dir, s)]
         self.ids = [sid for _, sid in self.items]
