@@ -13,8 +13,9 @@ For each photograph ID (its file stem; PARENT_STEM or a counter when stems repea
   ID_overlay.png  the photograph with vessels tinted green and the FOV outlined
 The FOV is the bright disc of the photograph, found automatically (or given with
 --fov). Photographs are rescaled so that the FOV is about --target-fov pixels wide,
-the scale the network was trained at, and the results are mapped back to the
-original size; a noisy photograph is denoised first, as in training (--no-denoise).
+the scale the network was trained at (times --fov-angle / 45 for a camera whose angle
+of view is not DRIVE's 45 degrees), and the results are mapped back to the original
+size; a noisy photograph is denoised first, as in training (--no-denoise).
 Unreadable files are reported and skipped; the exit code is then 1.
 """
 import argparse
