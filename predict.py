@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from preprocess import normalize_image
+from preprocess import normalize_image, zoom_photo
 from utils import (SHIPPED_WEIGHTS, HelpFormatter, UserError, add_inference_args, atomic_path, create_dir,
                    encode_probs, fov_box, inference_device, inference_options, load_model, predict_probs,
                    read_image, read_mask, rle_encode, run_main, save_png, scale_box, to_tensor_image)
@@ -237,11 +237,7 @@ def segment(model, rgb, fov, norm, target, args, device, options):
     """Vessel probabilities float32 (H,W) in [0,1], zero outside fov, for uint8 (H,W,3)."""
     h, w = rgb.shape[:2]
     factor = rescale_factor(fov, target)
-    net_fov = fov
-    if factor != 1.0:
-        size = (max(1, round(w * factor)), max(1, round(h * factor)))  # (W, H) for cv2
-        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
-        net_fov = cv2.resize(fov.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    rgb, net_fov = zoom_photo(rgb, fov, factor)  # (h', w', 3), (h', w')
     # normalise at the network's scale, as in training: CLAHE tiles depend on the size
     x = to_tensor_image(normalize_image(rgb, norm, args.denoise, net_fov)).to(device)  # (3, h', w')
     tta, bf16 = options

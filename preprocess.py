@@ -264,10 +264,13 @@ def _noise(rgb, sigma, seed):
 
 
 def zoom_photo(rgb, fov, factor):
-    """The photograph (H,W,3) uint8 and its FOV mask (H,W) bool resized by `factor` (test.py --zoom):
-    vessels `factor` times as wide, as a camera with a narrower (factor > 1) or wider (< 1) angle of
-    view shows them when its FOV is brought to DRIVE's size. Area averaging when shrinking, so
-    thin vessels fade as a coarser sensor would render them; the mask to the nearest pixel."""
+    """The photograph (H,W,3) uint8 and its FOV mask (H,W) bool resized by `factor`, unchanged at 1:
+    predict.py brings a photograph to the network's scale so; test.py --zoom shows vessels `factor`
+    times as wide, as a camera with a narrower (factor > 1) or wider (< 1) angle of view does once
+    its FOV is brought to DRIVE's size. Area averaging when shrinking, so thin vessels fade as a
+    coarser sensor would render them; the mask to the nearest pixel."""
+    if factor == 1:
+        return rgb, fov
     h, w = fov.shape
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
     rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)

@@ -158,7 +158,7 @@ def evaluate(model, ckpt, args, device, out):
             image = CORRUPTIONS[args.corrupt](image, k)  # (H,W,3) uint8, seeded by the image's index
         truth = read_mask(os.path.join(root, "masks", f"{sid}.png"))
         fov = read_mask(os.path.join(root, "fov", f"{sid}.png"))
-        view, view_fov = zoom_photo(image, fov, args.zoom) if args.zoom != 1 else (image, fov)
+        view, view_fov = zoom_photo(image, fov, args.zoom)
         x = to_tensor_image(normalize_image(view, cfg["norm"], args.denoise, view_fov)).to(device)
         box = fov_box(view_fov)  # only the FOV's surroundings go through the network
         if k == 0:  # warm-up: first calls allocate and pick kernels
