@@ -82,3 +82,23 @@ def test_shipped_weights_int8_reproduce_readme(tmp_path):
     tolerance = 2e-4 if int8_levels() == 256 else 3e-4
     for k, v in readme_row("int8 inference of the shipped weights").items():
         assert abs(pooled[k] - v) <= tolerance, (k, pooled[k], v)
+
+
+def heading_anchor(heading):
+    """GitHub's anchor for a Markdown heading: lower case, punctuation but '-' and '_' dropped,
+    spaces as '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_heading_anchor_known_answers():
+    assert heading_anchor("Training and inference time") == "training-and-inference-time"
+    assert heading_anchor("A wider scale range (`--scale`), for other cameras' vessel widths") == \
+        "a-wider-scale-range---scale-for-other-cameras-vessel-widths"
+
+
+def test_readme_links_reach_its_headings():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    anchors = {heading_anchor(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    links = re.findall(r"\]\(#([^)\s]+)\)", text)
+    assert links, "README.md links no section"
+    assert [link for link in links if link not in anchors] == []
