@@ -382,30 +382,52 @@ def plot_curves(path, history, loss_name, val_name):
 
 
 # ---------------------------------------------------------------- main
+# settings of runs begun before their options existed: what those runs trained with
+RESUME_DEFAULTS = {"train_on_val": False, "degrade": 0.0, "soft_labels": False, "time_budget": None,
+                   "beta2": 0.999, "residual": False, "act": "relu", "affine_first": False, "elastic": 0.0,
+                   "scale": SCALE_RANGE}
+
+
+def resume_config(args, device):
+    """(checkpoint, config) of the run --resume continues: its own config, with this command's
+    --epochs (when given), --device, --max-steps and --out."""
+    path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no checkpoint to resume from; drop --resume to start a new run")
+    ckpt = read_checkpoint(path, device, ("model", "train_model", "optimizer", "scheduler", "config"))
+    cfg = dict(RESUME_DEFAULTS, **ckpt["config"])
+    cfg.update(epochs=args.epochs or cfg["epochs"], device=args.device, max_steps=args.max_steps, out=args.out)
+    cfg["tta"] = tta_views(cfg.get("tta", args.tta))  # True meant 4 flips before --tta took a number
+    return ckpt, cfg
+
+
+def restore(ckpt, model, ema, optimizer, scheduler):
+    """Load a last.pt into the training objects; returns (epoch, step, best F1, history)."""
+    model.load_state_dict(ckpt["train_model"])
+    if ema is not None:
+        ema.module.load_state_dict(ckpt["model"])
+        ema.n_averaged.fill_(ckpt["step"])  # > 0: keep averaging rather than copy
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    return ckpt["epoch"], ckpt["step"], ckpt["best_f1"], ckpt["history"]
+
+
+def describe(cfg, train_ds, val_ds, start):
+    """The run's one-line header: device arithmetic, network, data, epochs."""
+    options = [f"top {cfg['top']}" if cfg.get("top") else "", f"refine {cfg['refine']}" if cfg.get("refine") else "",
+               f"depth {cfg['depth']}" if cfg.get("depth", DEPTH) != DEPTH else "",
+               "residual" if cfg.get("residual") else "", cfg["act"] if cfg.get("act", "relu") != "relu" else ""]
+    network = ", ".join([f"{cfg['arch']} base {cfg['base']}"] + [o for o in options if o])
+    return (f"{network} ({cfg['parameters']:,} parameters) | {len(train_ds.ids)} train images x "
+            f"{cfg['crops_per_image']} crops of {cfg['crop']}, {len(val_ds.ids)} val"
+            f"{' (trained on too)' if cfg['train_on_val'] else ''} | epochs {start + 1}..{cfg['epochs']}")
+
+
 def main(argv=None):
     args = get_args(argv)
     device = get_device(args.device)
-    ckpt = None
-    if args.resume:
-        path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no checkpoint to resume from; drop --resume to start a new run")
-        ckpt = read_checkpoint(path, device, ("model", "train_model", "optimizer", "scheduler", "config"))
-        cfg = dict(ckpt["config"], epochs=args.epochs or ckpt["config"]["epochs"], device=args.device,
-                   max_steps=args.max_steps, out=args.out)
-        cfg["tta"] = tta_views(cfg.get("tta", args.tta))  # runs begun before these options existed
-        cfg.setdefault("train_on_val", False)
-        cfg.setdefault("degrade", 0.0)
-        cfg.setdefault("soft_labels", False)
-        cfg.setdefault("time_budget", None)
-        cfg.setdefault("beta2", 0.999)
-        cfg.setdefault("residual", False)
-        cfg.setdefault("act", "relu")
-        cfg.setdefault("affine_first", False)
-        cfg.setdefault("elastic", 0.0)
-        cfg.setdefault("scale", SCALE_RANGE)
-    else:
-        cfg = dict(vars(args), epochs=args.epochs or STEPS[args.arch][1])
+    ckpt, cfg = resume_config(args, device) if args.resume else \
+        (None, dict(vars(args), epochs=args.epochs or STEPS[args.arch][1]))
     seeding(cfg["seed"])
     fitted = ("train", "val") if cfg["train_on_val"] else "train"
     train_ds = DriveDataset(cfg["data"], fitted, cfg["norm"], crop=cfg["crop"],
@@ -421,25 +443,10 @@ def main(argv=None):
     cfg["input_size"] = read_split_meta(cfg["data"]).get("size")  # (W, H) when dataset.py --resize
     start, step, best, history = 0, 0, -1.0, []
     if ckpt is not None:
-        model.load_state_dict(ckpt["train_model"])
-        if ema is not None:
-            ema.module.load_state_dict(ckpt["model"])
-            ema.n_averaged.fill_(ckpt["step"])  # > 0: keep averaging rather than copy
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start, step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best_f1"], ckpt["history"]
+        start, step, best, history = restore(ckpt, model, ema, optimizer, scheduler)
     bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and bf16_native(device))
     create_dir(cfg["out"])
-    print(f"device {device} {'bf16' if bf16 else 'fp32'} | {cfg['arch']} base {cfg['base']}"
-          f"{', top ' + str(cfg['top']) if cfg.get('top') else ''}"
-          f"{', refine ' + str(cfg['refine']) if cfg.get('refine') else ''}"
-          f"{', depth ' + str(cfg['depth']) if cfg.get('depth', DEPTH) != DEPTH else ''}"
-          f"{', residual' if cfg.get('residual') else ''}"
-          f"{', ' + cfg['act'] if cfg.get('act', 'relu') != 'relu' else ''}"
-          f" ({cfg['parameters']:,} parameters) | "
-          f"{len(train_ds.ids)} train images x {cfg['crops_per_image']} crops of {cfg['crop']}, "
-          f"{len(val_ds.ids)} val{' (trained on too)' if cfg['train_on_val'] else ''} | "
-          f"epochs {start + 1}..{cfg['epochs']}")
+    print(f"device {device} {'bf16' if bf16 else 'fp32'} | {describe(cfg, train_ds, val_ds, start)}")
 
     run_start, epoch, save_s = time.time(), start, 0.0
     while epoch < cfg["epochs"]:  # --time-budget may lower cfg["epochs"] after the warm-up
