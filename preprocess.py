@@ -258,6 +258,28 @@ def _lowres(rgb, factor):
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def _shade(rgb, gain):
+    """rgb (H,W,3) times a gain map (H,W): light that falls off unevenly across the fundus."""
+    return np.clip(rgb * gain[..., None], 0, 255).round().astype(np.uint8)
+
+
+def _ramp(rgb, low):
+    """Brightness falling linearly from 1 at the right edge to `low` at the left: a camera
+    aimed off-centre, one side of the fundus in shadow."""
+    w = rgb.shape[1]
+    gain = np.broadcast_to(np.linspace(low, 1.0, w), rgb.shape[:2])
+    return _shade(rgb, gain)
+
+
+def _vignette(rgb, rim):
+    """Brightness falling from 1 at the centre to `rim` at half the shorter side (the FOV's rim in
+    DRIVE), quadratically in the radius, and on beyond it: a small pupil's vignetting."""
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    r2 = ((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) / (min(h, w) / 2) ** 2
+    return _shade(rgb, np.clip(1 - (1 - rim) * r2, 0, 1))
+
+
 def _noise(rgb, sigma, seed):
     noisy = rgb + np.random.default_rng(seed).normal(0, sigma, rgb.shape)
     return np.clip(noisy, 0, 255).round().astype(np.uint8)
@@ -289,6 +311,8 @@ CORRUPTIONS = {
     "lowres0.6": lambda rgb, seed: _lowres(rgb, 0.6),  # a 0.6x sensor, scaled back up
     "noise6": lambda rgb, seed: _noise(rgb, 6, seed),  # Gaussian, std in grey levels
     "noise12": lambda rgb, seed: _noise(rgb, 12, seed),
+    "ramp0.5": lambda rgb, seed: _ramp(rgb, 0.5),  # uneven illumination, left half in shadow
+    "vignette0.5": lambda rgb, seed: _vignette(rgb, 0.5),  # darker towards the rim
 }
 
 

@@ -65,7 +65,8 @@ def get_args(argv=None):
                    help="change every test photograph before it is normalised, as another camera or file "
                         "might: gamma 0.6 or 1.6, brightness x0.6, a colour cast (R x1.25, B x0.7), JPEG "
                         "quality 40, Gaussian blur sigma 1, a 0.6x resolution scaled back up, or Gaussian "
-                        "noise of std 6 or 12 grey levels (seeded); truth, FOV and threshold are unchanged "
+                        "noise of std 6 or 12 grey levels (seeded), or uneven light: brightness falling to 0.5 across "
+                        "the image (ramp) or towards the FOV's rim (vignette); truth, FOV and threshold are unchanged "
                         "(default: none)")
     p.add_argument("--zoom", type=zoom_factor, default=1.0, metavar="S",
                    help="resize every test photograph by S before it is normalised (vessels S times as wide, "

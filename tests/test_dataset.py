@@ -287,14 +287,21 @@ def test_zoom_photo_scales_photograph_and_fov():
 
 
 def test_corruption_levels():
-    """Known answers: gamma 1.6 darkens mid-grey 128 to 85; gains scale the channels; noise has
-    the std named; blur and low resolution flatten a checkerboard."""
+    """Known answers: gamma 1.6 darkens mid-grey 128 to 85; gains scale the channels; the ramp
+    halves the left edge, the vignette the rim; noise has the std named; blur and low resolution
+    flatten a checkerboard."""
     grey = np.full((64, 64, 3), 128, np.uint8)
     assert CORRUPTIONS["gamma1.6"](grey, 0)[0, 0, 0] == round(255 * (128 / 255) ** 1.6) == 85
     assert tuple(CORRUPTIONS["cast"](grey, 0)[0, 0]) == (160, 128, 90)
     assert tuple(CORRUPTIONS["dim0.6"](grey, 0)[0, 0]) == (77, 77, 77)
     for name, std in (("noise6", 6), ("noise12", 12)):
         assert abs(float(CORRUPTIONS[name](grey, 0).astype(float).std()) - std) < 0.3
+    ramp = CORRUPTIONS["ramp0.5"](grey, 0)  # gain 0.5 at the left edge, 1 at the right
+    assert ramp[5, 0, 1] == 64 and ramp[5, -1, 1] == 128 and np.all(np.diff(ramp[5, :, 1].astype(int)) >= 0)
+    odd = np.full((65, 65, 3), 128, np.uint8)  # a centre pixel; the rim at radius 32.5
+    vignette = CORRUPTIONS["vignette0.5"](odd, 0)
+    assert vignette[32, 32, 0] == 128 and vignette[32, 0, 0] == round(128 * (1 - 0.5 * (32 / 32.5) ** 2))
+    assert vignette[0, 0, 0] < vignette[32, 0, 0] < vignette[32, 16, 0] < 128  # corners darkest
     board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, axis=2)
     for name in ("blur1", "lowres0.6"):
         assert CORRUPTIONS[name](board, 0).std() < 0.3 * board.std(), name
