@@ -85,8 +85,8 @@ def test_shipped_weights_int8_reproduce_readme(tmp_path):
 
 
 def heading_anchor(heading):
-    """GitHub's anchor for a Markdown heading: lower case, punctuation but '-' and '_' dropped,
-    spaces as '-'."""
+    """GitHub's anchor for a Markdown heading: lower case, punctuation other than '-' and '_'
+    dropped, spaces as '-'."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
