@@ -9,6 +9,7 @@ Every network has `multiple`: the number its input's height and width must divid
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 # the input check stays one call when torch.fx traces a network (int8 quantization, utils.py)
 torch.fx.wrap("check_input")
@@ -81,11 +82,13 @@ class UNet(nn.Module):
     H and W must be multiples of 2**depth (16); pad with `pad_to_multiple` first. top: the width
     of the first (finest) level instead of base, the others unchanged (None: base). depth: the
     number of down-samplings (4, the paper's; fewer drop the coarsest levels). residual: every
-    conv block residual (ConvBlock). act: the blocks' activation, a key of ACTS.
+    conv block residual (ConvBlock). act: the blocks' activation, a key of ACTS. deep: that many
+    more 1x1 heads on the decoder's coarser outputs (1/2, 1/4, ... of the input's size) for deep
+    supervision in training (forward_all); inference (forward) uses the full-size head alone.
     """
     multiple = MULTIPLE  # of the default depth; an instance's own is 2**depth
 
-    def __init__(self, in_ch=3, out_ch=1, base=64, top=None, depth=DEPTH, residual=False, act="relu"):
+    def __init__(self, in_ch=3, out_ch=1, base=64, top=None, depth=DEPTH, residual=False, act="relu", deep=0):
         super().__init__()
         if base < 1 or (top is not None and top < 1):
             raise ValueError(f"widths must be >= 1, got base {base}, top {top}")
@@ -100,17 +103,34 @@ class UNet(nn.Module):
         self.bottleneck = ConvBlock(w[depth - 1], w[depth], residual, act)
         self.decoders = nn.ModuleList(Decoder(w[i + 1], w[i], residual, act) for i in reversed(range(depth)))
         self.head = nn.Conv2d(w[0], out_ch, kernel_size=1)
+        if not 0 <= deep < depth:
+            raise ValueError(f"deep must be from 0 to depth - 1 ({depth - 1}), got {deep}")
+        self.deep = nn.ModuleList(nn.Conv2d(w[i], out_ch, kernel_size=1) for i in range(1, deep + 1))
 
-    def forward(self, x):
+    def decode(self, x):
+        """The decoder's outputs, coarsest first: (N, w[i], H / 2**i, W / 2**i) for i = depth - 1 .. 0."""
         check_input(x, self.in_ch, self.multiple)
-        skips = []
+        skips, decoded = [], []
         for enc in self.encoders:
             s, x = enc(x)
             skips.append(s)
         x = self.bottleneck(x)
         for dec, s in zip(self.decoders, reversed(skips)):
             x = dec(x, s)
-        return self.head(x)
+            decoded.append(x)
+        return decoded
+
+    def forward(self, x):
+        return self.head(self.decode(x)[-1])
+
+    def forward_all(self, x):
+        """For deep supervision: the logits, then the deep heads' (from 1/2 of the size down), each
+        upsampled bilinearly to (N, out_ch, H, W)."""
+        decoded = self.decode(x)
+        logits = self.head(decoded[-1])
+        coarse = [head(decoded[-2 - i]) for i, head in enumerate(self.deep)]
+        return (logits, *(F.interpolate(c, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+                          for c in coarse))
 
 
 class S2DUNet(nn.Module):

@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from preprocess import CORRUPTIONS, normalize_image, read_split, zoom_photo  # noqa: E402
 from utils import (SHIPPED_WEIGHTS, HelpFormatter, Timer, add_inference_args, atomic_dir,  # noqa: E402
                    atomic_path, confusion, encode_probs, fov_box, inference_device, inference_options, load_model,
-                   predict_probs, read_image, read_mask, run_main, save_png, scores, to_tensor_image,
+                   network_text, predict_probs, read_image, read_mask, run_main, save_png, scores, to_tensor_image,
                    tta_text)
 
 METRICS = ["f1", "jaccard", "recall", "precision", "specificity", "accuracy"]
@@ -247,14 +247,7 @@ def main(argv=None):
     args = get_args(argv)
     device = inference_device(args)
     model, ckpt = load_model(args.checkpoint, device, args.precision)
-    names = {"unet": "U-Net", "s2d": "space-to-depth U-Net", "wnet": "W-Net", "s2dw": "space-to-depth W-Net"}
-    arch = names[ckpt["config"].get("arch", "unet")]
-    top = f", top {ckpt['config']['top']}" if ckpt["config"].get("top") else ""
-    top += f", refine {ckpt['config']['refine']}" if ckpt["config"].get("refine") else ""
-    top += f", depth {ckpt['config']['depth']}" if ckpt["config"].get("depth", 4) != 4 else ""
-    top += ", residual" if ckpt["config"].get("residual") else ""
-    top += f", {ckpt['config']['act']}" if ckpt["config"].get("act", "relu") != "relu" else ""
-    print(f"checkpoint {args.checkpoint} ({arch} base {ckpt['config']['base']}{top}, "
+    print(f"checkpoint {args.checkpoint} ({network_text(ckpt['config'])}, "
           f"epoch {ckpt.get('epoch', '?')}, val F1 {ckpt.get('val_f1', float('nan')):.4f})")
     with atomic_dir(args.out) as tmp:
         metrics, rows = evaluate(model, ckpt, args, device, tmp)

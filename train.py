@@ -35,7 +35,7 @@ from model import ACTS, DEPTH, Cascade, count_parameters, pad_to_multiple  # noq
 from preprocess import NORMS, SCALE_RANGE, DriveDataset, read_split_meta  # noqa: E402
 from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, best_threshold,  # noqa: E402
                    bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device, grown_box,
-                   inference_model, int8_ranges, network_window, predict_probs, read_checkpoint, run_main,
+                   inference_model, int8_ranges, network_text, network_window, predict_probs, read_checkpoint, run_main,
                    scores, seeding, torch_save, tta_text, tta_views)
 
 INT8_ARCHS = ("unet", "s2d")  # --precision int8 was measured on these, not on the W-Net
@@ -140,6 +140,10 @@ def get_args(argv=None):
                    help="unet, s2d: residual conv blocks (the first ReLU's output added to the second "
                         "BN's output, before the last ReLU); screened held out over 2 seeds, +0.0002 AUC, "
                         "not kept (README)")
+    p.add_argument("--deep-supervision", dest="deep", type=int, default=0, metavar="K",
+                   help="unet: K more 1x1 heads on the decoder's outputs at 1/2, 1/4, ... of the size, "
+                        "upsampled and trained with the same loss, weighted 1/2, 1/4, ...; inference uses "
+                        "the full-size head alone (default: 0, none)")
     p.add_argument("--act", choices=tuple(ACTS), default="relu",
                    help="unet, s2d: the conv blocks' activation (silu: x * sigmoid(x), smooth); silu screened "
                         "held out over 2 seeds, +0.0002-0.0004 AUC for 6-9 %% longer epochs, not kept (README)")
@@ -186,6 +190,8 @@ def get_args(argv=None):
         p.error(f"--refine must be 0 or more and is for --arch s2d, got {args.refine} for {args.arch}")
     if args.residual and args.arch not in ("unet", "s2d"):
         p.error(f"--residual is for --arch unet or s2d, got {args.arch}")
+    if args.deep and (args.arch != "unet" or not 0 < args.deep < (args.depth or DEPTH)):
+        p.error(f"--deep-supervision is for --arch unet, from 1 to --depth - 1; got {args.deep} for {args.arch}")
     if args.act != "relu" and args.arch not in ("unet", "s2d"):
         p.error(f"--act is for --arch unet or s2d, got {args.arch}")
     if args.elastic < 0:
@@ -278,10 +284,14 @@ def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
         image = image.to(device).contiguous(memory_format=torch.channels_last)  # (N,C,crop,crop)
         mask, fov = mask.to(device), fov.to(device)  # (N,1,crop,crop)
         optimizer.zero_grad(set_to_none=True)
-        # logits (N,1,crop,crop); a cascade is supervised at both stages
+        # logits (N,1,crop,crop); a cascade is supervised at both stages, deep supervision at
+        # every head (weights 1, 1/2, 1/4, ... from the full-size one)
+        deep = bool(getattr(model, "deep", None))  # UNet's deep heads (an empty ModuleList: none)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(image, return_all=True) if isinstance(model, Cascade) else (model(image),)
-        loss = sum(loss_fn(logits.float(), mask, fov) for logits in outputs)
+            outputs = model(image, return_all=True) if isinstance(model, Cascade) else \
+                model.forward_all(image) if deep else (model(image),)
+        weights = [0.5 ** i if deep else 1.0 for i in range(len(outputs))]
+        loss = sum(w * loss_fn(logits.float(), mask, fov) for w, logits in zip(weights, outputs))
         loss.backward()
         optimizer.step()
         if ema is not None:
@@ -385,7 +395,7 @@ def plot_curves(path, history, loss_name, val_name):
 # settings of runs begun before their options existed: what those runs trained with
 RESUME_DEFAULTS = {"train_on_val": False, "degrade": 0.0, "soft_labels": False, "time_budget": None,
                    "beta2": 0.999, "residual": False, "act": "relu", "affine_first": False, "elastic": 0.0,
-                   "scale": SCALE_RANGE}
+                   "scale": SCALE_RANGE, "deep": 0}
 
 
 def resume_config(args, device):
@@ -413,12 +423,8 @@ def restore(ckpt, model, ema, optimizer, scheduler):
 
 
 def describe(cfg, train_ds, val_ds, start):
-    """The run's one-line header: device arithmetic, network, data, epochs."""
-    options = [f"top {cfg['top']}" if cfg.get("top") else "", f"refine {cfg['refine']}" if cfg.get("refine") else "",
-               f"depth {cfg['depth']}" if cfg.get("depth", DEPTH) != DEPTH else "",
-               "residual" if cfg.get("residual") else "", cfg["act"] if cfg.get("act", "relu") != "relu" else ""]
-    network = ", ".join([f"{cfg['arch']} base {cfg['base']}"] + [o for o in options if o])
-    return (f"{network} ({cfg['parameters']:,} parameters) | {len(train_ds.ids)} train images x "
+    """The run's one-line header: network, data, epochs."""
+    return (f"{network_text(cfg)} ({cfg['parameters']:,} parameters) | {len(train_ds.ids)} train images x "
             f"{cfg['crops_per_image']} crops of {cfg['crop']}, {len(val_ds.ids)} val"
             f"{' (trained on too)' if cfg['train_on_val'] else ''} | epochs {start + 1}..{cfg['epochs']}")
 

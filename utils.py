@@ -256,7 +256,22 @@ def build_model(cfg):
         kwargs["residual"] = True
     if cfg.get("act", "relu") != "relu":  # unet and s2d; older checkpoints have no such key
         kwargs["act"] = cfg["act"]
+    if cfg.get("deep"):  # unet only; older checkpoints have no such key
+        kwargs["deep"] = cfg["deep"]
     return ARCHS[cfg.get("arch", "unet")](in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"], **kwargs)
+
+
+ARCH_NAMES = {"unet": "U-Net", "s2d": "space-to-depth U-Net", "wnet": "W-Net", "s2dw": "space-to-depth W-Net"}
+
+
+def network_text(cfg):
+    """The network a config describes, in words: 'U-Net base 16', then what departs from the
+    paper's U-Net ('space-to-depth U-Net base 16, top 40, depth 2')."""
+    options = [f"top {cfg['top']}" if cfg.get("top") else "", f"refine {cfg['refine']}" if cfg.get("refine") else "",
+               f"depth {cfg['depth']}" if cfg.get("depth", DEPTH) != DEPTH else "",
+               "residual" if cfg.get("residual") else "", cfg["act"] if cfg.get("act", "relu") != "relu" else "",
+               f"deep supervision {cfg['deep']}" if cfg.get("deep") else ""]
+    return ", ".join([f"{ARCH_NAMES[cfg.get('arch', 'unet')]} base {cfg['base']}"] + [o for o in options if o])
 
 
 @torch.no_grad()

@@ -299,3 +299,26 @@ def test_shallower_unets_drop_the_coarsest_levels(depth):
         s2d(torch.rand(1, 3, 2 ** depth * 3, size))
     with pytest.raises(ValueError, match="depth must be >= 1"):
         UNet(base=4, depth=0)
+
+
+def test_deep_supervision_heads():
+    """deep=K adds K 1x1 heads on the decoder's outputs at 1/2, 1/4, ... of the size: forward_all
+    returns the full-size logits (forward's) and theirs, upsampled to the input's size; forward
+    and the weights of the other layers are the plain U-Net's."""
+    torch.manual_seed(0)
+    plain = UNet(base=2).eval()
+    deep = UNet(base=2, deep=2).eval()
+    assert [h.in_channels for h in deep.deep] == [4, 8]  # widths at 1/2 and 1/4: base*2, base*4
+    assert set(plain.state_dict()) == {k for k in deep.state_dict() if not k.startswith("deep.")}
+    deep.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.rand(1, 3, 32, 48)
+    with torch.no_grad():
+        outputs = deep.forward_all(x)
+        assert len(outputs) == 3 and all(o.shape == (1, 1, 32, 48) for o in outputs)
+        assert torch.equal(outputs[0], deep(x)) and torch.equal(deep(x), plain(x))
+        assert not torch.allclose(outputs[1], outputs[2])
+        # the 1/4-size head's map, upsampled: smooth at the scale of 4 pixels
+        assert outputs[2].diff(dim=-1).abs().mean() < outputs[0].diff(dim=-1).abs().mean()
+        assert len(plain.forward_all(x)) == 1
+    with pytest.raises(ValueError, match="deep must be from 0 to depth - 1"):
+        UNet(base=2, depth=2, deep=2)

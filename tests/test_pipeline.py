@@ -120,7 +120,7 @@ def test_s2d_trains_and_predicts(synthetic, tmp_path):
                    "--arch", "s2d", "--top-width", 4, "--precision", "fp32", "--tta", 2,
                    "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "s2d base 2" in r.stdout and "mean of 2 flips" in r.stdout
+    assert "space-to-depth U-Net base 2" in r.stdout and "mean of 2 flips" in r.stdout
     assert torch.load(tmp_path / "s" / "model.pt", weights_only=False)["tta"] == 2
     r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
                    "--out", tmp_path / "res", cwd=tmp_path)
@@ -165,6 +165,25 @@ def test_residual_s2d_trains_and_tests_in_int8(synthetic, tmp_path):
     assert "space-to-depth U-Net base 2, top 5, depth 2, residual" in r.stdout
     r = run_script("train.py", "--arch", "wnet", "--residual", cwd=tmp_path)
     assert r.returncode != 0 and "--residual is for --arch unet or s2d" in r.stderr
+
+
+def test_deep_supervision_trains_and_tests_in_int8(synthetic, tmp_path):
+    """--deep-supervision reaches the checkpoint with its heads; test.py rebuilds the network, whose
+    int8 form (traced through forward, without the heads) train.py calibrates and test.py runs."""
+    r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
+                   "--deep-supervision", 2, "--precision", "fp32", "--no-tta", "--out", tmp_path / "u",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "U-Net base 2, deep supervision 2" in r.stdout and "int8 calibrated" in r.stdout
+    ckpt = torch.load(tmp_path / "u" / "model.pt", weights_only=False)
+    assert ckpt["config"]["deep"] == 2 and "deep.1.weight" in ckpt["model"]
+    r = run_script("test.py", "--checkpoint", tmp_path / "u" / "model.pt", "--data", synthetic / "data",
+                   "--precision", "int8", "--out", tmp_path / "res", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "U-Net base 2, deep supervision 2" in r.stdout
+    for bad in (["--arch", "s2d", "--deep-supervision", "1"], ["--deep-supervision", "4"]):
+        r = run_script("train.py", *bad, cwd=tmp_path)
+        assert r.returncode != 0 and "--deep-supervision is for --arch unet" in r.stderr
 
 
 def test_s2d_cascade_trains_and_tests(synthetic, tmp_path):
