@@ -143,7 +143,8 @@ def get_args(argv=None):
     p.add_argument("--deep-supervision", dest="deep", type=int, default=0, metavar="K",
                    help="unet: K more 1x1 heads on the decoder's outputs at 1/2, 1/4, ... of the size, "
                         "upsampled and trained with the same loss, weighted 1/2, 1/4, ...; inference uses "
-                        "the full-size head alone (default: 0, none)")
+                        "the full-size head alone; 2, screened held out, scored level (AUC -0.0002), not "
+                        "kept (README) (default: 0, none)")
     p.add_argument("--act", choices=tuple(ACTS), default="relu",
                    help="unet, s2d: the conv blocks' activation (silu: x * sigmoid(x), smooth); silu screened "
                         "held out over 2 seeds, +0.0002-0.0004 AUC for 6-9 %% longer epochs, not kept (README)")
