@@ -248,6 +248,7 @@ def _gamma(rgb, gamma):
 
 
 def _gain(rgb, gains):
+    """rgb (H,W,3) times gains that broadcast against it: (3,) per channel, (H,W,1) per pixel."""
     return np.clip(rgb * np.asarray(gains, np.float64), 0, 255).round().astype(np.uint8)
 
 
@@ -258,17 +259,12 @@ def _lowres(rgb, factor):
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def _shade(rgb, gain):
-    """rgb (H,W,3) times a gain map (H,W): light that falls off unevenly across the fundus."""
-    return np.clip(rgb * gain[..., None], 0, 255).round().astype(np.uint8)
-
-
 def _ramp(rgb, low):
     """Brightness falling linearly from 1 at the right edge to `low` at the left: a camera
     aimed off-centre, one side of the fundus in shadow."""
     w = rgb.shape[1]
     gain = np.broadcast_to(np.linspace(low, 1.0, w), rgb.shape[:2])
-    return _shade(rgb, gain)
+    return _gain(rgb, gain[..., None])
 
 
 def _vignette(rgb, rim):
@@ -277,7 +273,7 @@ def _vignette(rgb, rim):
     h, w = rgb.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w]
     r2 = ((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) / (min(h, w) / 2) ** 2
-    return _shade(rgb, np.clip(1 - (1 - rim) * r2, 0, 1))
+    return _gain(rgb, np.clip(1 - (1 - rim) * r2, 0, 1)[..., None])
 
 
 def _noise(rgb, sigma, seed):
