@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
-from model import ACTS, DEPTH, Cascade, count_parameters, pad_to_multiple  # noqa: E402
+from model import ACTS, ATTENTIONS, DEPTH, Cascade, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, SCALE_RANGE, DriveDataset, read_split_meta  # noqa: E402
 from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, best_threshold,  # noqa: E402
                    bf16_native, build_model, confusion, create_dir, epoch_time, fov_box, get_device, grown_box,
@@ -145,6 +145,11 @@ def get_args(argv=None):
                         "upsampled and trained with the same loss, weighted 1/2, 1/4, ...; inference uses "
                         "the full-size head alone; 2, screened held out, scored level (AUC -0.0002), not "
                         "kept (README) (default: 0, none)")
+    p.add_argument("--attention", choices=ATTENTIONS, default="none",
+                   help="unet: sa, a spatial attention gate after the bottleneck (CBAM's, as in SA-UNet); "
+                        "scse, spatial and channel squeeze-and-excitation after the decoder blocks below "
+                        "full resolution; both screened held out, AUC -0.0006 and -0.0012, not kept (README) "
+                        "(default: none)")
     p.add_argument("--act", choices=tuple(ACTS), default="relu",
                    help="unet, s2d: the conv blocks' activation (silu: x * sigmoid(x), smooth); silu screened "
                         "held out over 2 seeds, +0.0002-0.0004 AUC for 6-9 %% longer epochs, not kept (README)")
@@ -193,6 +198,8 @@ def get_args(argv=None):
         p.error(f"--residual is for --arch unet or s2d, got {args.arch}")
     if args.deep and (args.arch != "unet" or not 0 < args.deep < (args.depth or DEPTH)):
         p.error(f"--deep-supervision is for --arch unet, from 1 to --depth - 1; got {args.deep} for {args.arch}")
+    if args.attention != "none" and args.arch != "unet":
+        p.error(f"--attention is for --arch unet, got {args.arch}")
     if args.act != "relu" and args.arch not in ("unet", "s2d"):
         p.error(f"--act is for --arch unet or s2d, got {args.arch}")
     if args.elastic < 0:
@@ -396,7 +403,7 @@ def plot_curves(path, history, loss_name, val_name):
 # settings of runs begun before their options existed: what those runs trained with
 RESUME_DEFAULTS = {"train_on_val": False, "degrade": 0.0, "soft_labels": False, "time_budget": None,
                    "beta2": 0.999, "residual": False, "act": "relu", "affine_first": False, "elastic": 0.0,
-                   "scale": SCALE_RANGE, "deep": 0}
+                   "scale": SCALE_RANGE, "deep": 0, "attention": "none"}
 
 
 def resume_config(args, device):

@@ -258,6 +258,8 @@ def build_model(cfg):
         kwargs["act"] = cfg["act"]
     if cfg.get("deep"):  # unet only; older checkpoints have no such key
         kwargs["deep"] = cfg["deep"]
+    if cfg.get("attention", "none") != "none":  # unet only; older checkpoints have no such key
+        kwargs["attention"] = cfg["attention"]
     return ARCHS[cfg.get("arch", "unet")](in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"], **kwargs)
 
 
@@ -270,7 +272,8 @@ def network_text(cfg):
     options = [f"top {cfg['top']}" if cfg.get("top") else "", f"refine {cfg['refine']}" if cfg.get("refine") else "",
                f"depth {cfg['depth']}" if cfg.get("depth", DEPTH) != DEPTH else "",
                "residual" if cfg.get("residual") else "", cfg["act"] if cfg.get("act", "relu") != "relu" else "",
-               f"deep supervision {cfg['deep']}" if cfg.get("deep") else ""]
+               f"deep supervision {cfg['deep']}" if cfg.get("deep") else "",
+               f"attention {cfg['attention']}" if cfg.get("attention", "none") != "none" else ""]
     return ", ".join([f"{ARCH_NAMES[cfg.get('arch', 'unet')]} base {cfg['base']}"] + [o for o in options if o])
 
 

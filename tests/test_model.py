@@ -4,8 +4,9 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
-from model import (ConvBlock, S2DUNet, S2DWNet, UNet, WNet, count_parameters, fold_batchnorm,
+from model import (SCSE, ConvBlock, S2DUNet, S2DWNet, SpatialGate, UNet, WNet, count_parameters, fold_batchnorm,
                    pad_to_multiple)
 from utils import add_tta_args, build_model, fov_box, grow_span, predict_probs, tta_views
 
@@ -322,3 +323,44 @@ def test_deep_supervision_heads():
         assert len(plain.forward_all(x)) == 1
     with pytest.raises(ValueError, match="deep must be from 0 to depth - 1"):
         UNet(base=2, depth=2, deep=2)
+
+
+def test_attention_gates_known_answers():
+    """Gates whose last layer is zero are sigmoid(0) = 0.5 everywhere: the spatial gate halves
+    its input; scSE's two halves add back up to the input. A spatial gate that reads the channel
+    max alone passes the pixels where some channel is large and damps those where all are small."""
+    x = torch.rand(2, 6, 8, 8)
+    gate = SpatialGate()
+    nn.init.zeros_(gate.conv.weight)
+    assert torch.allclose(gate(x), x / 2)
+    scse = SCSE(6)
+    for layer in (scse.channel[3], scse.spatial[0]):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    assert torch.allclose(scse(x), x)
+    with torch.no_grad():
+        gate.conv.weight[0, 1, 3, 3] = 50.0  # centre tap on the channel max
+    y = torch.zeros(1, 3, 8, 8)
+    y[0, 1, 2, 5] = 1.0  # one bright pixel in one channel
+    y[0, :, 6, 1] = 0.01  # a dim pixel in every channel
+    out = gate(y)
+    assert torch.isclose(out[0, 1, 2, 5], torch.tensor(1.0), atol=1e-6)
+    assert torch.isclose(out[0, 0, 6, 1], torch.tensor(0.01 * torch.sigmoid(torch.tensor(0.5)).item()))
+
+
+def test_attention_adds_modules_and_keeps_shapes():
+    """attention="sa" adds a gate after the bottleneck and "scse" one after each decoder block but the
+    full-resolution one; the other weights are the plain U-Net's (the same names), and the output
+    shape is unchanged."""
+    plain = UNet(base=2)
+    x = torch.rand(1, 3, 32, 48)
+    for attention, prefix in (("sa", "gate."), ("scse", "decoders.")):
+        net = UNet(base=2, attention=attention)
+        added = set(net.state_dict()) - set(plain.state_dict())
+        assert added and all(k.startswith(prefix) for k in added)
+        assert set(plain.state_dict()) <= set(net.state_dict())
+        assert net(x).shape == (1, 1, 32, 48)
+    gated = [i for i, d in enumerate(UNet(base=2, attention="scse").decoders) if isinstance(d.gate, SCSE)]
+    assert gated == [0, 1, 2]  # decoders run coarsest first; the last, at full resolution, has none
+    with pytest.raises(ValueError, match="attention must be one of none, sa, scse"):
+        UNet(base=2, attention="cbam")

@@ -186,6 +186,24 @@ def test_deep_supervision_trains_and_tests_in_int8(synthetic, tmp_path):
         assert r.returncode != 0 and "--deep-supervision is for --arch unet" in r.stderr
 
 
+def test_attention_trains_and_tests_in_int8(synthetic, tmp_path):
+    """--attention reaches the checkpoint; test.py rebuilds the network and runs its int8 form
+    (the gates' mean, max, sigmoid and products quantized) from train.py's calibration."""
+    r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
+                   "--attention", "scse", "--precision", "fp32", "--no-tta", "--out", tmp_path / "u",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "U-Net base 2, attention scse" in r.stdout and "int8 calibrated" in r.stdout
+    ckpt = torch.load(tmp_path / "u" / "model.pt", weights_only=False)
+    assert ckpt["config"]["attention"] == "scse" and "decoders.0.gate.spatial.0.weight" in ckpt["model"]
+    r = run_script("test.py", "--checkpoint", tmp_path / "u" / "model.pt", "--data", synthetic / "data",
+                   "--precision", "int8", "--out", tmp_path / "res", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "U-Net base 2, attention scse" in r.stdout
+    r = run_script("train.py", "--arch", "s2d", "--attention", "sa", cwd=tmp_path)
+    assert r.returncode != 0 and "--attention is for --arch unet" in r.stderr
+
+
 def test_s2d_cascade_trains_and_tests(synthetic, tmp_path):
     """--arch s2dw (two space-to-depth U-Nets in cascade) trains, and test.py rebuilds it from
     the checkpoint."""
