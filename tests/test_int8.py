@@ -38,7 +38,8 @@ def trained_like(net, **kw):
 
 
 @pytest.mark.parametrize("net,kw", [(UNet, {}), (S2DUNet, {"top": 8}), (S2DUNet, {"top": 8, "residual": True}),
-                                    (S2DUNet, {"top": 8, "act": "silu"})])
+                                    (S2DUNet, {"top": 8, "act": "silu"}), (UNet, {"attention": "sa"}),
+                                    (UNet, {"attention": "scse"})])
 def test_int8_follows_fp32(net, kw):
     model = trained_like(net, **kw)
     quantized = quantize_int8(model, int8_ranges(model, smooth_images(6, 2)))

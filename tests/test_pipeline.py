@@ -188,7 +188,7 @@ def test_deep_supervision_trains_and_tests_in_int8(synthetic, tmp_path):
 
 def test_attention_trains_and_tests_in_int8(synthetic, tmp_path):
     """--attention reaches the checkpoint; test.py rebuilds the network and runs its int8 form
-    (the gates' mean, max, sigmoid and products quantized) from train.py's calibration."""
+    (the gates' pooling, sigmoids and products quantized) from train.py's calibration."""
     r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
                    "--attention", "scse", "--precision", "fp32", "--no-tta", "--out", tmp_path / "u",
                    cwd=tmp_path)
