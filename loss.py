@@ -45,3 +45,13 @@ class DiceBCELoss(nn.Module):
 
     def forward(self, logits, targets, weight=None):
         return self.dice(logits, targets, weight) + self.bce_weight * self.bce(logits, targets, weight)
+
+
+class SkeletonRecallLoss(nn.Module):
+    """1 - soft recall of the vessels' tubed skeleton (Kirchhoff et al., 2024): the mean
+    probability over the skeleton's pixels, so thin vessels, a few pixels of the Dice and BCE
+    sums, weigh as much per unit length as wide ones. skeleton: (N, 1, H, W) in [0, 1]."""
+
+    def forward(self, logits, skeleton):
+        probs = torch.sigmoid(logits)
+        return 1 - (probs * skeleton).sum() / skeleton.sum().clamp(min=1)

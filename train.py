@@ -30,7 +30,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from loss import BCELoss, DiceBCELoss, DiceLoss  # noqa: E402
+from loss import BCELoss, DiceBCELoss, DiceLoss, SkeletonRecallLoss  # noqa: E402
 from model import ACTS, ATTENTIONS, DEPTH, Cascade, count_parameters, pad_to_multiple  # noqa: E402
 from preprocess import NORMS, SCALE_RANGE, DriveDataset, read_split_meta  # noqa: E402
 from utils import (ARCHS, HelpFormatter, UserError, add_tta_args, atomic_path, best_threshold,  # noqa: E402
@@ -116,6 +116,10 @@ def get_args(argv=None):
                         "photograph); 0.67 1.5, screened held out, scored 0.0007 AUC lower at native "
                         "size and gained only on photographs shown 1.5x as large, not kept (README)")
     p.add_argument("--loss", choices=tuple(LOSSES), default="dicebce", help="training loss")
+    p.add_argument("--skeleton-recall", type=float, default=0.0, metavar="W",
+                   help="weight of a skeleton recall term added to the training loss (Kirchhoff et al., "
+                        "2024): 1 - the mean probability over the vessels' centre lines widened to 3 "
+                        "pixels, which weighs thin vessels per unit length as much as wide ones; 0: none")
     p.add_argument("--arch", choices=tuple(ARCHS), default="unet",
                    help="the U-Net (the shipped weights' network); the U-Net on 2x2 pixel blocks (s2d, "
                         "space-to-depth: every level at half the U-Net's resolution, its finest level "
@@ -282,15 +286,18 @@ def fits_fp16(tensor):
 
 
 # ---------------------------------------------------------------- one epoch
-def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16, step, max_steps, epoch):
+def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16, step, max_steps, epoch,
+                skeleton_weight=0.0):
     model.train()
+    skeleton_loss = SkeletonRecallLoss()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
     for image, mask, fov, _ in bar:
         if max_steps is not None and step >= max_steps:
             break
         image = image.to(device).contiguous(memory_format=torch.channels_last)  # (N,C,crop,crop)
-        mask, fov = mask.to(device), fov.to(device)  # (N,1,crop,crop)
+        mask, fov = mask.to(device), fov.to(device)  # (N,1,crop,crop); mask (N,2,..) with a skeleton
+        mask, skeleton = mask[:, :1], mask[:, 1:]  # skeleton: (N,0,crop,crop) without --skeleton-recall
         optimizer.zero_grad(set_to_none=True)
         # logits (N,1,crop,crop); a cascade is supervised at both stages, deep supervision at
         # every head (weights 1, 1/2, 1/4, ... from the full-size one)
@@ -300,6 +307,9 @@ def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
                 model.forward_all(image) if deep else (model(image),)
         weights = [0.5 ** i if deep else 1.0 for i in range(len(outputs))]
         loss = sum(w * loss_fn(logits.float(), mask, fov) for w, logits in zip(weights, outputs))
+        if skeleton_weight:
+            loss = loss + skeleton_weight * sum(w * skeleton_loss(logits.float(), skeleton)
+                                                for w, logits in zip(weights, outputs))
         loss.backward()
         optimizer.step()
         if ema is not None:
@@ -403,7 +413,8 @@ def plot_curves(path, history, loss_name, val_name):
 # settings of runs begun before their options existed: what those runs trained with
 RESUME_DEFAULTS = {"train_on_val": False, "degrade": 0.0, "soft_labels": False, "time_budget": None,
                    "beta2": 0.999, "residual": False, "act": "relu", "affine_first": False, "elastic": 0.0,
-                   "scale": SCALE_RANGE, "deep": 0, "attention": "none"}
+                   "scale": SCALE_RANGE, "deep": 0, "attention": "none",
+                   "skeleton_recall": 0.0}
 
 
 def resume_config(args, device):
@@ -447,7 +458,7 @@ def main(argv=None):
     train_ds = DriveDataset(cfg["data"], fitted, cfg["norm"], crop=cfg["crop"],
                             repeats=cfg["crops_per_image"], degrade=cfg["degrade"],
                             soft_labels=cfg["soft_labels"], affine_first=cfg["affine_first"],
-                            elastic=cfg["elastic"], scale=cfg["scale"])
+                            elastic=cfg["elastic"], scale=cfg["scale"], skeleton=cfg["skeleton_recall"] > 0)
     val_ds = DriveDataset(cfg["data"], "val", cfg["norm"])
     steps_per_epoch = math.ceil(len(train_ds) / cfg["batch_size"])
     cfg["in_ch"] = NORMS[cfg["norm"]]
@@ -472,7 +483,7 @@ def main(argv=None):
                             num_workers=cfg["workers"],
                             generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
         train_loss, step = train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
-                                       step, cfg["max_steps"], epoch)
+                                       step, cfg["max_steps"], epoch, cfg["skeleton_recall"])
         t_val = time.time()
         val_loss, val_f1, threshold, val_f1_best = validate(scored, val_ds, loss_fn, device, bf16)
         t_val = time.time() - t_val

@@ -3,6 +3,7 @@ import json
 import os
 from functools import partial
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,7 @@ from PIL import Image
 
 from conftest import REAL_DRIVE
 from preprocess import (CORRUPTIONS, NOISE_FLOOR, NORMS, Bend, DriveDataset, RotatedCrop, denoise_photo, fill_outside,
-                        noise_sigma, normalize_image, train_transform, zoom_photo)
+                        noise_sigma, normalize_image, skeletonize, train_transform, tubed_skeleton, zoom_photo)
 
 
 def check_prepared(data, n_train, n_val, n_test, size):
@@ -112,6 +113,65 @@ def test_soft_labels_keep_the_crops_and_soften_only_edges(synthetic):
         assert abs(mask_b.sum() - mask_a.sum()) <= 0.05 * mask_a.sum() + 10
         fractional += ((mask_b > 0) & (mask_b < 1)).sum().item()
     assert fractional > 0  # some of the 32 crops were rotated or scaled
+
+
+def test_skeletonize_known_answers():
+    """A 5-pixel-wide bar thins to its middle row (its ends shortened by the thinning); a
+    1-pixel line and a lone pixel stay as they are; a filled square thins to a point or a
+    short segment at its centre, not to nothing."""
+    bar = np.zeros((20, 30), bool)
+    bar[5:10, 3:27] = True
+    skel = skeletonize(bar)
+    assert np.array_equal(np.nonzero(skel.any(1))[0], [7])  # only the middle row
+    assert 15 <= skel.sum() <= 24 and not (skel & ~bar).any()
+    line = np.zeros((9, 9), bool)
+    line[4, 1:8] = True
+    line[0, 0] = True
+    assert np.array_equal(skeletonize(line), line)
+    square = np.zeros((11, 11), bool)
+    square[2:9, 2:9] = True
+    centre = np.argwhere(skeletonize(square))
+    assert 1 <= len(centre) <= 3 and np.abs(centre - 5).max() <= 1
+
+
+def test_skeletonize_keeps_branches_connected():
+    """A Y of 3-pixel-wide strokes thins to one 8-connected tree that reaches all three arms."""
+    y = np.zeros((40, 40), np.uint8)
+    for end in ((2, 2), (2, 37), (37, 20)):
+        cv2.line(y, end, (20, 20), 1, 3)
+    skel = skeletonize(y).astype(np.uint8)
+    assert cv2.connectedComponents(skel, connectivity=8)[0] == 2  # background + one piece
+    for row, col in ((2, 2), (37, 2), (20, 37)):  # the arms' ends (cv2 draws at (x, y))
+        assert skel[max(row - 5, 0):row + 6, max(col - 5, 0):col + 6].any()
+
+
+def test_tubed_skeleton_stays_inside_the_vessels():
+    """The tube is the centre line widened by one pixel, cut to the mask: all of a 3-wide
+    vessel, the middle 3 rows of a 7-wide one, and nothing beside a 1-wide one."""
+    mask = np.zeros((30, 40), np.uint8)
+    mask[3:6, 5:35] = 1  # 3 wide
+    mask[12:19, 5:35] = 1  # 7 wide
+    mask[25, 5:35] = 1  # 1 wide
+    tube = tubed_skeleton(mask)
+    assert tube.dtype == np.uint8 and not (tube & (1 - mask)).any()
+    assert tube[3:6, 10:30].all() and tube[14:17, 10:30].all()
+    assert not tube[12:14, 10:30].any() and not tube[17:19, 10:30].any()
+    assert tube[25, 10:30].all()
+
+
+def test_skeleton_dataset_adds_a_mask_channel(synthetic):
+    """skeleton=True: the same image, vessel mask and FOV crops, and a second mask channel,
+    the tubed skeleton warped alike: inside the vessels, and present where they are."""
+    data = str(synthetic / "data")
+    plain, skel = (DriveDataset(data, "train", crop=64, repeats=4, skeleton=s) for s in (False, True))
+    plain.reseed(5)
+    skel.reseed(5)
+    for i in range(len(plain)):
+        (a, mask_a, fov_a, _), (b, mask_b, fov_b, _) = plain[i], skel[i]
+        assert mask_a.shape == (1, 64, 64) and mask_b.shape == (2, 64, 64)
+        assert torch.equal(a, b) and torch.equal(mask_a, mask_b[:1]) and torch.equal(fov_a, fov_b)
+        assert not (mask_b[1] > mask_b[0]).any()
+        assert (mask_b[1].sum() > 0) == (mask_b[0].sum() > 20)
 
 
 def rotated_crops(image, crop, n, **kwargs):

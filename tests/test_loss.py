@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from loss import DiceBCELoss, DiceLoss
+from loss import DiceBCELoss, DiceLoss, SkeletonRecallLoss
 
 BIG = 50.0  # sigmoid(50) == 1 in float32
 
@@ -52,3 +52,17 @@ def test_bce_known_value_and_fov():
     # logit 2 on a vessel costs log(1 + e^-2); the uncounted third pixel does not matter
     logits = torch.tensor([[[[2.0, -BIG, BIG]]]])
     assert abs(BCELoss()(logits, t, w).item() - math.log1p(math.exp(-2)) / 2) < 1e-6
+
+
+def test_skeleton_recall_known_values():
+    """1 - mean probability over the skeleton: 0 where the net is sure of it, 1 where it misses
+    it, 1/2 at logits 0; pixels off the skeleton do not count, and an empty skeleton costs 1."""
+    skel = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    loss = SkeletonRecallLoss()
+    assert loss(skel * BIG - (1 - skel) * BIG, skel).item() < 1e-6
+    assert loss(torch.full_like(skel, BIG), skel).item() < 1e-6  # recall ignores false positives
+    assert abs(loss(-skel * BIG, skel).item() - 1.0) < 1e-6
+    assert abs(loss(torch.zeros_like(skel), skel).item() - 0.5) < 1e-6
+    logits = torch.tensor([[[[BIG, -BIG], [3.0, -7.0]]]])
+    assert abs(loss(logits, skel).item() - 0.5) < 1e-6
+    assert loss(torch.zeros_like(skel), torch.zeros_like(skel)).item() == 1.0
