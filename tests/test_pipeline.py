@@ -94,17 +94,19 @@ def test_resume_continues_exactly(synthetic, tmp_path):
 
 
 def test_max_steps_smoke_other_options(synthetic, tmp_path):
-    """The other model, input and loss options train, and test.py rebuilds them from the checkpoint."""
+    """The other model, input and loss options train (the skeleton recall term with soft labels and
+    a cascade's two outputs among them), and test.py rebuilds them from the checkpoint."""
     r = run_script("train.py", "--data", synthetic / "data", "--crop", 32, "--base", 2, "--max-steps", 2,
                    "--arch", "wnet", "--norm", "green", "--loss", "bce", "--precision", "fp32", "--no-tta",
                    "--no-train-on-val", "--soft-labels", "--beta2", 0.95, "--affine-first", "--elastic", 2,
-                   "--scale", 0.7, 1.4, "--out", tmp_path / "s", cwd=tmp_path)
+                   "--scale", 0.7, 1.4, "--skeleton-recall", 0.5, "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "reached --max-steps 2" in r.stdout and "trained on too" not in r.stdout
     ckpt = torch.load(tmp_path / "s" / "last.pt", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["config"]["in_ch"] == 1 and ckpt["tta"] == 1
     assert ckpt["config"]["soft_labels"] is True and ckpt["config"]["affine_first"] is True
     assert ckpt["config"]["elastic"] == 2 and tuple(ckpt["config"]["scale"]) == (0.7, 1.4)
+    assert ckpt["config"]["skeleton_recall"] == 0.5
     assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
     r = run_script("test.py", "--checkpoint", tmp_path / "s" / "model.pt", "--data", synthetic / "data",
                    "--out", tmp_path / "res", "--precision", "fp32", cwd=tmp_path)
