@@ -196,8 +196,8 @@ def skeletonize(mask):
     """Guo-Hall thinning of a binary (H, W) mask: the 1-pixel-wide, 8-connected centre lines of
     its vessels, bool (H, W). Each pass removes, in two half-steps (south-east borders, then
     north-west ones), the border pixels whose removal keeps their neighbourhood connected and
-    that are not line ends. Unlike Zhang-Suen's, its tests keep 2-pixel-thick diagonal lines,
-    which DRIVE's thin vessels often are."""
+    that are not line ends. Unlike Zhang-Suen's conditions, Guo-Hall's keep 2-pixel-thick diagonal
+    lines, which DRIVE's thin vessels often are."""
     img = np.pad(mask.astype(bool), 1)
     while True:
         changed = False

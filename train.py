@@ -195,6 +195,8 @@ def get_args(argv=None):
         p.error(f"--beta2 must lie between 0 and 1, got {args.beta2}")
     if not 0 <= args.degrade <= 1:
         p.error(f"--degrade is a fraction of the crops, from 0 to 1; got {args.degrade}")
+    if args.skeleton_recall < 0:
+        p.error(f"--skeleton-recall is a loss weight, 0 or more; got {args.skeleton_recall}")
     if args.top is not None and (args.arch == "wnet" or args.top < 1):
         p.error(f"--top-width must be positive and is for --arch unet, s2d or s2dw, got {args.top} for {args.arch}")
     if args.refine < 0 or (args.refine and args.arch != "s2d"):

@@ -103,6 +103,8 @@ def test_bad_cli_values(tmp_path):
     assert r.returncode != 0 and "--degrade is a fraction" in r.stderr
     r = run_script("train.py", "--beta2", 1, cwd=tmp_path)
     assert r.returncode != 0 and "--beta2 must lie between 0 and 1" in r.stderr
+    r = run_script("train.py", "--skeleton-recall", -1, cwd=tmp_path)
+    assert r.returncode != 0 and "--skeleton-recall is a loss weight, 0 or more; got -1.0" in r.stderr
     r = run_script("train.py", "--elastic", -3, cwd=tmp_path)
     assert r.returncode != 0 and "--elastic is a displacement in pixels and must be 0 or more" in r.stderr
     r = run_script("train.py", "--scale", 1.2, 0.9, cwd=tmp_path)
