@@ -17,6 +17,7 @@ never read.
 import argparse
 import csv
 import math
+import statistics
 import os
 import time
 
@@ -298,8 +299,9 @@ def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
                 skeleton_weight=0.0):
     model.train()
     skeleton_loss = SkeletonRecallLoss()
-    total, count = 0.0, 0
+    total, count, step_s = 0.0, 0, []
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
+    tick = time.perf_counter()
     for image, mask, fov, _ in bar:
         if max_steps is not None and step >= max_steps:
             break
@@ -325,9 +327,11 @@ def train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             scheduler.step()
         step += 1
-        total, count = total + loss.item(), count + 1
+        total, count = total + loss.item(), count + 1  # .item() waits for the device: honest step times
         bar.set_postfix(loss=f"{total / count:.4f}")
-    return total / max(count, 1), step
+        step_s.append(time.perf_counter() - tick)  # this batch's loading and step
+        tick = time.perf_counter()
+    return total / max(count, 1), step, step_s
 
 
 @torch.no_grad()
@@ -490,7 +494,7 @@ def main(argv=None):
         loader = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=True, drop_last=False,
                             num_workers=cfg["workers"],
                             generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
-        train_loss, step = train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
+        train_loss, step, step_s = train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
                                        step, cfg["max_steps"], epoch, cfg["skeleton_recall"])
         t_val = time.time()
         val_loss, val_f1, threshold, val_f1_best = validate(scored, val_ds, loss_fn, device, bf16)
@@ -504,7 +508,7 @@ def main(argv=None):
         history.append(row)
         if cfg["time_budget"] and epoch == budget_epoch(cfg):
             # before last.pt is written, so that --resume continues with the epochs decided here
-            set_budget_epochs(cfg, epoch, time.time() - t0 + save_s, t_val)
+            set_budget_epochs(cfg, epoch, typical_epoch_seconds(time.time() - t0 + save_s, step_s), t_val)
         improved = val_f1_best > best
         best = max(best, val_f1_best)
         # "threshold" is the validation one until the run ends (then: all training images)
@@ -547,6 +551,15 @@ def epochs_in_budget(budget_s, elapsed_s, done, epoch_s, reserve_s, most):
     return max(done, min(most, fit))
 
 
+def typical_epoch_seconds(epoch_s, step_s):
+    """An epoch's seconds with its steps' sum (step_s: one wall time per batch) replaced by their
+    count times their median: a stall of the machine during the timed epoch (seen on a shared Zen 4:
+    31 s for an epoch whose neighbours took 18) would otherwise cut a --time-budget run by a third."""
+    if not step_s:
+        return epoch_s
+    return epoch_s - sum(step_s) + len(step_s) * statistics.median(step_s)
+
+
 def set_budget_epochs(cfg, done, epoch_s, val_s):
     """Set cfg["epochs"] from the measured epoch time so the run ends within --time-budget."""
     # the threshold is chosen on 20 whole images with tta flips, validation scores 4 with one;
@@ -556,7 +569,7 @@ def set_budget_epochs(cfg, done, epoch_s, val_s):
     elapsed = time.time() - STARTED
     epochs = epochs_in_budget(60 * cfg["time_budget"], elapsed, done, epoch_s, reserve, cfg["epochs"])
     print(f"time budget {cfg['time_budget']:g} min: {elapsed:.0f} s so far, {epoch_s:.1f} s per epoch "
-          f"-> {epochs} epochs in all (of at most {cfg['epochs']})"
+          f"(at the median step) -> {epochs} epochs in all (of at most {cfg['epochs']})"
           # the schedule is the same as --epochs N's when the cosine has not begun yet
           f"{f'; --epochs {epochs} repeats this run exactly' if cfg['warmup'] >= 1 else ''}", flush=True)
     cfg["epochs"] = epochs

@@ -331,6 +331,15 @@ def test_epochs_in_budget():
     assert train.budget_epoch({"warmup": 2}) == 2 and train.budget_epoch({"warmup": 0.5}) == 1
 
 
+def test_typical_epoch_seconds_ignores_a_stall():
+    import train
+    # 20 s epoch: 10 steps of 1.5 s and 5 s outside them; one stall of 10 s makes it 28.5 s
+    steps = [1.5] * 9 + [10.0]
+    assert train.typical_epoch_seconds(5 + sum(steps), steps) == pytest.approx(20.0)
+    assert train.typical_epoch_seconds(20.0, [1.5] * 10) == pytest.approx(20.0)  # no stall: unchanged
+    assert train.typical_epoch_seconds(7.0, []) == 7.0  # no step timed (--max-steps 0)
+
+
 def test_time_budget_sets_the_epochs(synthetic, tmp_path):
     """A budget already spent ends the run after the warm-up's epochs, with a model and threshold;
     the number is stored, so --resume keeps it."""
