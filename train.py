@@ -17,8 +17,8 @@ never read.
 import argparse
 import csv
 import math
-import statistics
 import os
+import statistics
 import time
 
 import matplotlib
@@ -494,8 +494,8 @@ def main(argv=None):
         loader = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=True, drop_last=False,
                             num_workers=cfg["workers"],
                             generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
-        train_loss, step, step_s = train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device, bf16,
-                                       step, cfg["max_steps"], epoch, cfg["skeleton_recall"])
+        train_loss, step, step_s = train_epoch(model, ema, loader, optimizer, scheduler, loss_fn, device,
+                                               bf16, step, cfg["max_steps"], epoch, cfg["skeleton_recall"])
         t_val = time.time()
         val_loss, val_f1, threshold, val_f1_best = validate(scored, val_ds, loss_fn, device, bf16)
         t_val = time.time() - t_val
