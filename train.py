@@ -484,6 +484,8 @@ def main(argv=None):
     bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and bf16_native(device))
     create_dir(cfg["out"])
     print(f"device {device} {'bf16' if bf16 else 'fp32'} | {describe(cfg, train_ds, val_ds, start)}")
+    if note := slow_cpu_note(device.type, bf16_native(device), cfg.get("arch", "unet"), cfg.get("time_budget")):
+        print(note)
 
     run_start, epoch, save_s = time.time(), start, 0.0
     while epoch < cfg["epochs"]:  # --time-budget may lower cfg["epochs"] after the warm-up
@@ -573,6 +575,17 @@ def set_budget_epochs(cfg, done, epoch_s, val_s):
           # the schedule is the same as --epochs N's when the cosine has not begun yet
           f"{f'; --epochs {epochs} repeats this run exactly' if cfg['warmup'] >= 1 else ''}", flush=True)
     cfg["epochs"] = epochs
+
+
+def slow_cpu_note(device_type, native_bf16, arch, time_budget):
+    """A line for CPUs without native bf16 (AVX2-only, or AVX-512 without its bf16 instructions):
+    they train in fp32, about 4x the README's times, so the U-Net's 120 epochs take ~2 hours on
+    2 cores. '' where that does not apply or the run is already budgeted."""
+    if device_type != "cpu" or native_bf16 or time_budget or arch != "unet":
+        return ""
+    return ("note: this CPU has no native bf16 (AVX512-BF16 or AMX), so training runs in fp32 and takes about "
+            "4x the README's times; for about 30 minutes here: --time-budget 30, or --arch s2d --top-width 16 "
+            "(README, Train)")
 
 
 def eta(history, start, epochs):

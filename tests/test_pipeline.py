@@ -331,6 +331,15 @@ def test_epochs_in_budget():
     assert train.budget_epoch({"warmup": 2}) == 2 and train.budget_epoch({"warmup": 0.5}) == 1
 
 
+def test_slow_cpu_note_only_for_unbudgeted_unet_on_cpus_without_bf16():
+    import train
+    assert "fp32" in train.slow_cpu_note("cpu", False, "unet", None)
+    assert train.slow_cpu_note("cpu", True, "unet", None) == ""  # native bf16: the README's times
+    assert train.slow_cpu_note("cuda", False, "unet", None) == ""
+    assert train.slow_cpu_note("cpu", False, "unet", 30) == ""  # --time-budget already fits the run
+    assert train.slow_cpu_note("cpu", False, "s2d", None) == ""
+
+
 def test_typical_epoch_seconds_ignores_a_stall():
     import train
     # 20 s epoch: 10 steps of 1.5 s and 5 s outside them; one stall of 10 s makes it 28.5 s
