@@ -579,8 +579,8 @@ def set_budget_epochs(cfg, done, epoch_s, val_s):
 
 def slow_cpu_note(device_type, native_bf16, arch, time_budget):
     """A line for CPUs without native bf16 (AVX2-only, or AVX-512 without its bf16 instructions):
-    they train in fp32, about 4x the README's times, so the U-Net's 120 epochs take ~2 hours on
-    2 cores. '' where that does not apply or the run is already budgeted."""
+    they train in fp32, about 4x the README's times, so the U-Net's 120 epochs take 105-110 min
+    on 2 AVX2 cores. '' where that does not apply or the run is already budgeted."""
     if device_type != "cpu" or native_bf16 or time_budget or arch != "unet":
         return ""
     return ("note: this CPU has no native bf16 (AVX512-BF16 or AMX), so training runs in fp32 and takes about "
