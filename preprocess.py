@@ -142,6 +142,46 @@ class RotatedCrop(A.DualTransform):
         return self._warp(mask, matrix, self.mask_interpolation)
 
 
+class FovCrop(A.DualTransform):
+    """A random crop x crop window that holds a random FOV pixel: the pixel is drawn uniformly
+    from the FOV (masks[fov_index], by rejection from the whole frame), its place in the window
+    uniformly, and the window is then shifted inside the photograph. RandomCrop's windows cover a
+    pixel less often the nearer it lies to the photograph's edge: on DRIVE's 565x584 frames with
+    256-pixel crops, the FOV's outer 25 pixels are seen 0.3-0.4x as often as its average pixel and
+    its centre 1.6x; anchored on FOV pixels, 0.55-0.6x and 1.35x (README). Photographs smaller
+    than the crop are padded with zeros, centred, as PadIfNeeded does."""
+
+    def __init__(self, crop, fov_index=1):
+        super().__init__(p=1.0)
+        self.crop, self.fov_index = crop, fov_index
+
+    def _pad(self, img):
+        h, w = img.shape[:2]
+        dy, dx = max(0, self.crop - h), max(0, self.crop - w)
+        if not dy and not dx:
+            return img
+        return cv2.copyMakeBorder(img, dy // 2, dy - dy // 2, dx // 2, dx - dx // 2, cv2.BORDER_CONSTANT, value=0)
+
+    def get_params_dependent_on_data(self, params, data):
+        fov = self._pad(data["masks"][self.fov_index])
+        h, w = fov.shape[:2]
+        if not fov.any():
+            raise ValueError("FovCrop: the FOV mask is empty")
+        while True:  # DRIVE's FOV is ~70 % of the frame: ~1.5 draws on average
+            y, x = self.py_random.randrange(h), self.py_random.randrange(w)
+            if fov[y, x]:
+                break
+        top = min(max(y - self.py_random.randrange(self.crop), 0), h - self.crop)
+        left = min(max(x - self.py_random.randrange(self.crop), 0), w - self.crop)
+        return {"top": top, "left": left}
+
+    def apply(self, img, top, left, **params):
+        return self._pad(img)[top:top + self.crop, left:left + self.crop]
+
+    def apply_to_mask(self, mask, top, left, **params):
+        return self.apply(mask, top, left)
+
+
 class Bend(A.DualTransform):
     """Elastic deformation: every pixel moves by a smooth random field, cubic between control
     points `spacing` pixels apart whose x and y displacements are normal with standard deviation
@@ -228,7 +268,8 @@ def tubed_skeleton(mask):
     return cv2.dilate(skeletonize(mask).astype(np.uint8), cross) & (mask > 0).astype(np.uint8)
 
 
-def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.0, scale=SCALE_RANGE):
+def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.0, scale=SCALE_RANGE,
+                    fov_crops=False):
     """Online augmentation: random native-resolution crop, flips, rotation/scale,
     and photometric changes (brightness, contrast, gamma, and colour when there is any).
 
@@ -240,13 +281,16 @@ def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.
     degrees) are mirror images of its own border, with vessels that fold back at the seam.
     elastic: bend every crop, after the rotation, by a smooth field of that many pixels (Bend).
     scale: (min, max) of each axis' scale factor of the rotated crops (vessels that many times
-    as wide)."""
+    as wide).
+    fov_crops: windows anchored on uniformly drawn FOV pixels (FovCrop; the masks' second is the
+    FOV) instead of RandomCrop's, which see the FOV's rim less often than its centre."""
     colour = [A.HueSaturationValue(10, 20, 10, p=0.5)] if channels == 3 else []
     if affine_first:
         cut, affine = [RotatedCrop(crop, scale=scale, soft=soft)], []
     else:
-        cut = [A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-               A.RandomCrop(crop, crop)]
+        cut = [FovCrop(crop)] if fov_crops else \
+            [A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+             A.RandomCrop(crop, crop)]
         affine = [A.Affine(scale=scale, rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7,
                            mask_interpolation=mask_interpolation(soft))]
     return A.Compose([
@@ -375,12 +419,13 @@ class DriveDataset(Dataset):
     (C = NORMS[norm]), mask (1,H,W) in {0,1}, fov (1,H,W) in {0,1}, and the id. With `crop`,
     returns augmented crops, a `degrade` fraction of them from a degraded photograph
     (degrade_transform); with `soft_labels`, the masks of rotated or scaled crops are in [0, 1]
-    (train_transform's soft); `affine_first`, `elastic` and `scale`: train_transform's (rotated
-    crops cut from the photograph; bent crops; the range of scale factors). With `skeleton`, mask is
+    (train_transform's soft); `affine_first`, `elastic`, `scale` and `fov_crops`: train_transform's
+    (rotated crops cut from the photograph; bent crops; the range of scale factors; crops anchored
+    on FOV pixels). With `skeleton`, mask is
     (2,H,W): the vessels and their tubed skeleton (tubed_skeleton), warped alike."""
 
     def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0, soft_labels=False,
-                 affine_first=False, elastic=0.0, scale=SCALE_RANGE, skeleton=False):
+                 affine_first=False, elastic=0.0, scale=SCALE_RANGE, skeleton=False, fov_crops=False):
         splits = (split,) if isinstance(split, str) else tuple(split)
         self.items = [(os.path.join(data_dir, s), sid) for s in splits for sid in read_split(data_dir, s)]
         self.ids = [sid for _, sid in self.items]
@@ -388,7 +433,7 @@ class DriveDataset(Dataset):
         self.repeats = repeats  # random crops drawn from each image per epoch
         self.soft_labels = bool(soft_labels and crop)
         self.transform = train_transform(crop, NORMS[norm], self.soft_labels, affine_first, elastic,
-                                         tuple(scale)) if crop else None
+                                         tuple(scale), fov_crops) if crop else None
         self.degrade = degrade if crop else 0.0
         self.degrader = degrade_transform()
         self.skeleton = skeleton

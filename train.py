@@ -106,6 +106,10 @@ def get_args(argv=None):
                    help="cut each rotated, scaled training crop from the whole photograph in one warp, "
                         "instead of rotating the cut crop, whose corners are then mirror images of its "
                         "border; screened held out over 2 seeds, level, not kept (README)")
+    p.add_argument("--fov-crops", action=argparse.BooleanOptionalAction, default=False,
+                   help="place each training crop around a FOV pixel drawn uniformly, instead of "
+                        "uniformly in the photograph, where the FOV's rim is seen a third as often as "
+                        "its centre (README); not with --affine-first")
     p.add_argument("--elastic", type=float, default=0.0, metavar="PX",
                    help="bend each training crop (elastic deformation) by a smooth random displacement, "
                         "normal with this standard deviation (pixels) at control points 64 pixels apart, "
@@ -201,6 +205,8 @@ def get_args(argv=None):
         p.error(f"--beta2 must lie between 0 and 1, got {args.beta2}")
     if not 0 <= args.degrade <= 1:
         p.error(f"--degrade is a fraction of the crops, from 0 to 1; got {args.degrade}")
+    if args.fov_crops and args.affine_first:
+        p.error("--fov-crops places the crops that are cut first; --affine-first cuts rotated ones: use one")
     if args.skeleton_recall < 0:
         p.error(f"--skeleton-recall is a loss weight, 0 or more; got {args.skeleton_recall}")
     if args.top is not None and (args.arch == "wnet" or args.top < 1):
@@ -424,7 +430,8 @@ def plot_curves(path, history, loss_name, val_name):
 # ---------------------------------------------------------------- main
 # settings of runs begun before their options existed: what those runs trained with
 RESUME_DEFAULTS = {"train_on_val": False, "degrade": 0.0, "soft_labels": False, "time_budget": None,
-                   "beta2": 0.999, "residual": False, "act": "relu", "affine_first": False, "elastic": 0.0,
+                   "beta2": 0.999, "residual": False, "act": "relu", "affine_first": False, "fov_crops": False,
+                   "elastic": 0.0,
                    "scale": SCALE_RANGE, "deep": 0, "attention": "none",
                    "skeleton_recall": 0.0}
 
@@ -470,7 +477,8 @@ def main(argv=None):
     train_ds = DriveDataset(cfg["data"], fitted, cfg["norm"], crop=cfg["crop"],
                             repeats=cfg["crops_per_image"], degrade=cfg["degrade"],
                             soft_labels=cfg["soft_labels"], affine_first=cfg["affine_first"],
-                            elastic=cfg["elastic"], scale=cfg["scale"], skeleton=cfg["skeleton_recall"] > 0)
+                            elastic=cfg["elastic"], scale=cfg["scale"], skeleton=cfg["skeleton_recall"] > 0,
+                            fov_crops=cfg["fov_crops"])
     val_ds = DriveDataset(cfg["data"], "val", cfg["norm"])
     steps_per_epoch = math.ceil(len(train_ds) / cfg["batch_size"])
     cfg["in_ch"] = NORMS[cfg["norm"]]

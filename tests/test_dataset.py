@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import REAL_DRIVE
-from preprocess import (CORRUPTIONS, NOISE_FLOOR, NORMS, Bend, DriveDataset, RotatedCrop, denoise_photo, fill_outside,
+from preprocess import (CORRUPTIONS, NOISE_FLOOR, NORMS, Bend, DriveDataset, FovCrop, RotatedCrop, denoise_photo, fill_outside,
                         noise_sigma, normalize_image, skeletonize, train_transform, tubed_skeleton, zoom_photo)
 
 
@@ -269,6 +269,48 @@ def test_affine_first_and_elastic_crops(synthetic, affine_first, elastic, norm):
     ds.reseed(5)
     again = [ds[i] for i in range(len(ds))]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+
+
+def test_fov_crops_hold_a_fov_pixel():
+    """FovCrop: every window holds a FOV pixel, however near the edge the FOV lies (a uniform
+    window in a 100x120 frame holds the corner pixel 1 time in 69 * 89); image and masks are cut
+    alike; a frame smaller than the crop is padded with zeros; an empty FOV is an error."""
+    image = np.arange(100 * 120 * 3, dtype=np.uint32).reshape(100, 120, 3).astype(np.uint8)
+    vessels, fov = np.zeros((100, 120), np.uint8), np.zeros((100, 120), np.uint8)
+    fov[0, 0] = vessels[0, 0] = 1
+    t = FovCrop(32)
+    for seed in range(20):
+        t.set_random_seed(seed)
+        out = t(image=image, masks=[vessels, fov])
+        assert out["image"].shape == (32, 32, 3) and [m.shape for m in out["masks"]] == [(32, 32)] * 2
+        assert out["masks"][1].sum() == 1 and out["masks"][0].sum() == 1
+        assert out["image"][0, 0].tolist() == image[0, 0].tolist()  # the window is clipped to the frame's corner
+    small = t(image=image[:20, :30], masks=[vessels[:20, :30], np.ones((20, 30), np.uint8)])
+    assert small["image"].shape == (32, 32, 3) and small["masks"][1].sum() == 20 * 30
+    with pytest.raises(ValueError, match="FOV mask is empty"):
+        t(image=image, masks=[vessels, np.zeros_like(fov)])
+
+
+def test_fov_crops_see_the_rim_more_often():
+    """On a disc-shaped FOV filling a frame, FOV-anchored windows cover the disc's outer ring more
+    often relative to its centre than RandomCrop's windows do (the reason for --fov-crops)."""
+    h = w = 128
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(yy - 63.5, xx - 63.5)
+    fov = (r < 62).astype(np.uint8)
+    ring, centre = (r >= 52) & (r < 62), r < 20
+    ratios = []
+    for fov_crops in (False, True):
+        t = train_transform(48, fov_crops=fov_crops)
+        t.set_random_seed(0)
+        cut = t.transforms[0] if fov_crops else t.transforms[1]  # the crop alone, before flips and warps
+        seen = np.zeros((h, w))
+        for _ in range(400):
+            marker = np.arange(h * w, dtype=np.int32).reshape(h, w)
+            out = cut(image=np.zeros((h, w, 3), np.uint8), masks=[marker, fov])
+            seen.flat[np.unique(out["masks"][0])] += 1
+        ratios.append(seen[ring].mean() / seen[centre].mean())
+    assert ratios[1] > 1.3 * ratios[0]
 
 
 def test_offline_augment_and_resize(synthetic, tmp_path):
