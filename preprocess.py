@@ -148,7 +148,8 @@ class FovCrop(A.DualTransform):
     uniformly, and the window is then shifted inside the photograph. RandomCrop's windows cover a
     pixel less often the nearer it lies to the photograph's edge: on DRIVE's 565x584 frames with
     256-pixel crops, the FOV's outer 25 pixels are seen 0.3-0.4x as often as its average pixel and
-    its centre 1.6x; anchored on FOV pixels, 0.55-0.6x and 1.35x (README). Photographs smaller
+    its centre 1.6x; anchored on FOV pixels, 0.55-0.6x and 1.35x. Screened held out, it scored
+    level (README), so train.py uses it only when asked (--fov-crops). Photographs smaller
     than the crop are padded with zeros, centred, as PadIfNeeded does."""
 
     def __init__(self, crop, fov_index=1):

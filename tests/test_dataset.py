@@ -291,6 +291,18 @@ def test_fov_crops_hold_a_fov_pixel():
         t(image=image, masks=[vessels, np.zeros_like(fov)])
 
 
+def test_fov_crops_from_the_dataset(synthetic):
+    """DriveDataset(fov_crops=True): crops of the usual shapes, each holding FOV pixels, the same
+    crops again after reseeding."""
+    ds = DriveDataset(str(synthetic / "data"), "train", crop=48, repeats=3, fov_crops=True)
+    ds.reseed(3)
+    first = [ds[i] for i in range(len(ds))]
+    for image, mask, fov, _ in first:
+        assert image.shape == (3, 48, 48) and mask.shape == fov.shape == (1, 48, 48) and fov.sum() > 0
+    ds.reseed(3)
+    assert all(torch.equal(a[0], ds[i][0]) for i, a in enumerate(first))
+
+
 def test_fov_crops_see_the_rim_more_often():
     """On a disc-shaped FOV filling a frame, FOV-anchored windows cover the disc's outer ring more
     often relative to its centre than RandomCrop's windows do (the reason for --fov-crops)."""
