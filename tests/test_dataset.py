@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import REAL_DRIVE
-from preprocess import (CORRUPTIONS, NOISE_FLOOR, NORMS, Bend, DriveDataset, FovCrop, RotatedCrop, denoise_photo, fill_outside,
-                        noise_sigma, normalize_image, skeletonize, train_transform, tubed_skeleton, zoom_photo)
+from preprocess import (CORRUPTIONS, NOISE_FLOOR, NORMS, Bend, DriveDataset, FovCrop, RotatedCrop, denoise_photo,
+                        fill_outside, noise_sigma, normalize_image, skeletonize, train_transform, tubed_skeleton,
+                        zoom_photo)
 
 
 def check_prepared(data, n_train, n_val, n_test, size):
