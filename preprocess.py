@@ -422,8 +422,8 @@ class DriveDataset(Dataset):
     (degrade_transform); with `soft_labels`, the masks of rotated or scaled crops are in [0, 1]
     (train_transform's soft); `affine_first`, `elastic`, `scale` and `fov_crops`: train_transform's
     (rotated crops cut from the photograph; bent crops; the range of scale factors; crops anchored
-    on FOV pixels). With `skeleton`, mask is
-    (2,H,W): the vessels and their tubed skeleton (tubed_skeleton), warped alike."""
+    on FOV pixels). With `skeleton`, mask is (2,H,W): the vessels and their tubed skeleton
+    (tubed_skeleton), warped alike."""
 
     def __init__(self, data_dir, split, norm="clahe", crop=None, repeats=1, degrade=0.0, soft_labels=False,
                  affine_first=False, elastic=0.0, scale=SCALE_RANGE, skeleton=False, fov_crops=False):

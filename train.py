@@ -432,9 +432,7 @@ def plot_curves(path, history, loss_name, val_name):
 # settings of runs begun before their options existed: what those runs trained with
 RESUME_DEFAULTS = {"train_on_val": False, "degrade": 0.0, "soft_labels": False, "time_budget": None,
                    "beta2": 0.999, "residual": False, "act": "relu", "affine_first": False, "fov_crops": False,
-                   "elastic": 0.0,
-                   "scale": SCALE_RANGE, "deep": 0, "attention": "none",
-                   "skeleton_recall": 0.0}
+                   "elastic": 0.0, "scale": SCALE_RANGE, "deep": 0, "attention": "none", "skeleton_recall": 0.0}
 
 
 def resume_config(args, device):
