@@ -149,22 +149,15 @@ class FovCrop(A.DualTransform):
     pixel less often the nearer it lies to the photograph's edge: on DRIVE's 565x584 frames with
     256-pixel crops, the FOV's outer 25 pixels are seen 0.3-0.4x as often as its average pixel and
     its centre 1.6x; anchored on FOV pixels, 0.55-0.6x and 1.35x. Screened held out, it scored
-    level (README), so train.py uses it only when asked (--fov-crops). Photographs smaller
-    than the crop are padded with zeros, centred, as PadIfNeeded does."""
+    level (README), so train.py uses it only when asked (--fov-crops). The photograph must be at
+    least crop x crop (train_transform pads it first with PadIfNeeded)."""
 
     def __init__(self, crop, fov_index=1):
         super().__init__(p=1.0)
         self.crop, self.fov_index = crop, fov_index
 
-    def _pad(self, img):
-        h, w = img.shape[:2]
-        dy, dx = max(0, self.crop - h), max(0, self.crop - w)
-        if not dy and not dx:
-            return img
-        return cv2.copyMakeBorder(img, dy // 2, dy - dy // 2, dx // 2, dx - dx // 2, cv2.BORDER_CONSTANT, value=0)
-
     def get_params_dependent_on_data(self, params, data):
-        fov = self._pad(data["masks"][self.fov_index])
+        fov = data["masks"][self.fov_index]
         h, w = fov.shape[:2]
         if not fov.any():
             raise ValueError("FovCrop: the FOV mask is empty")
@@ -177,7 +170,7 @@ class FovCrop(A.DualTransform):
         return {"top": top, "left": left}
 
     def apply(self, img, top, left, **params):
-        return self._pad(img)[top:top + self.crop, left:left + self.crop]
+        return img[top:top + self.crop, left:left + self.crop]
 
     def apply_to_mask(self, mask, top, left, **params):
         return self.apply(mask, top, left)
@@ -289,9 +282,8 @@ def train_transform(crop, channels=3, soft=False, affine_first=False, elastic=0.
     if affine_first:
         cut, affine = [RotatedCrop(crop, scale=scale, soft=soft)], []
     else:
-        cut = [FovCrop(crop)] if fov_crops else \
-            [A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-             A.RandomCrop(crop, crop)]
+        cut = [A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+               FovCrop(crop) if fov_crops else A.RandomCrop(crop, crop)]
         affine = [A.Affine(scale=scale, rotate=(-180, 180), border_mode=cv2.BORDER_REFLECT_101, p=0.7,
                            mask_interpolation=mask_interpolation(soft))]
     return A.Compose([

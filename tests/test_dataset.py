@@ -3,6 +3,7 @@ import json
 import os
 from functools import partial
 
+import albumentations as A
 import cv2
 import numpy as np
 import pytest
@@ -275,7 +276,7 @@ def test_affine_first_and_elastic_crops(synthetic, affine_first, elastic, norm):
 def test_fov_crops_hold_a_fov_pixel():
     """FovCrop: every window holds a FOV pixel, however near the edge the FOV lies (a uniform
     window in a 100x120 frame holds the corner pixel 1 time in 69 * 89); image and masks are cut
-    alike; a frame smaller than the crop is padded with zeros; an empty FOV is an error."""
+    alike; train_transform pads a frame smaller than the crop first; an empty FOV is an error."""
     image = np.arange(100 * 120 * 3, dtype=np.uint32).reshape(100, 120, 3).astype(np.uint8)
     vessels, fov = np.zeros((100, 120), np.uint8), np.zeros((100, 120), np.uint8)
     fov[0, 0] = vessels[0, 0] = 1
@@ -286,7 +287,8 @@ def test_fov_crops_hold_a_fov_pixel():
         assert out["image"].shape == (32, 32, 3) and [m.shape for m in out["masks"]] == [(32, 32)] * 2
         assert out["masks"][1].sum() == 1 and out["masks"][0].sum() == 1
         assert out["image"][0, 0].tolist() == image[0, 0].tolist()  # the window is clipped to the frame's corner
-    small = t(image=image[:20, :30], masks=[vessels[:20, :30], np.ones((20, 30), np.uint8)])
+    cut = A.Compose(train_transform(32, fov_crops=True).transforms[:2])  # PadIfNeeded, then FovCrop
+    small = cut(image=image[:20, :30], masks=[vessels[:20, :30], np.ones((20, 30), np.uint8)])
     assert small["image"].shape == (32, 32, 3) and small["masks"][1].sum() == 20 * 30
     with pytest.raises(ValueError, match="FOV mask is empty"):
         t(image=image, masks=[vessels, np.zeros_like(fov)])
@@ -316,7 +318,7 @@ def test_fov_crops_see_the_rim_more_often():
     for fov_crops in (False, True):
         t = train_transform(48, fov_crops=fov_crops)
         t.set_random_seed(0)
-        cut = t.transforms[0] if fov_crops else t.transforms[1]  # the crop alone, before flips and warps
+        cut = t.transforms[1]  # the crop alone (after PadIfNeeded), before flips and warps
         seen = np.zeros((h, w))
         for _ in range(400):
             marker = np.arange(h * w, dtype=np.int32).reshape(h, w)
