@@ -21,14 +21,59 @@ MULTIPLE = 2 ** DEPTH
 ACTS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
 
+class DropBlock(nn.Module):
+    """DropBlock (Ghiasi et al., 2018), as SA-UNet (Guo et al., 2020) regularises its convolutions
+    on DRIVE: in training, zero square blocks of `size` x `size` feature pixels, each channel and
+    image its own, so that on average a fraction `rate` of the map is dropped, and scale the rest
+    up by the kept fraction; in eval mode, the identity. Plain dropout of single pixels barely
+    regularises a convolution, whose neighbours carry the same information. No parameters."""
+
+    def __init__(self, rate, size):
+        super().__init__()
+        if not 0 <= rate < 1:
+            raise ValueError(f"DropBlock rate must be in [0, 1), got {rate}")
+        if size < 1 or size % 2 == 0:
+            raise ValueError(f"DropBlock size must be odd and positive, got {size}")
+        self.rate, self.size = rate, size
+
+    def forward(self, x):
+        if not self.training or self.rate == 0:
+            return x
+        return x * self.mask(x.shape, x.device).to(x.dtype)
+
+    def mask(self, shape, device):
+        """A (N, C, H, W) float mask, channels-last in memory (train.py's layout): 0 in the dropped
+        blocks, elsewhere 1 / the kept fraction, so the map's mean is kept.
+
+        Each seed drops a block of size**2 pixels (its part inside the map), so round(rate /
+        size**2 * N*C*H*W) seeds, drawn with replacement, drop about `rate` of the map (a little
+        less where blocks overlap or reach over the border). The blocks' pixels are written into
+        the mask by index, not found by max-pooling a map of Bernoulli draws: that draws a random
+        number for every pixel and pools every pixel, and cost a training step 40 % more on 2 CPU
+        cores."""
+        n, c, h, w = shape
+        p = self.size // 2
+        k = max(1, round(self.rate / self.size ** 2 * n * c * h * w))
+        img, row, col, ch = (torch.randint(s, (k, 1, 1), device=device) for s in (n, h, w, c))  # the seeds
+        d = torch.arange(-p, p + 1, device=device)
+        rows = (row + d[:, None]).clamp_(0, h - 1)  # (k, size, 1); clamped: a block ends at the border
+        cols = (col + d[None, :]).clamp_(0, w - 1)  # (k, 1, size)
+        flat = ((img * h + rows) * w + cols) * c + ch  # (k, size, size): places in an (N, H, W, C) buffer
+        dropped = torch.zeros(n * h * w * c, device=device).index_fill_(0, flat.view(-1), 1)
+        kept = 1 - dropped.mean()
+        return dropped.view(n, h, w, c).permute(0, 3, 1, 2).mul_(-1 / kept).add_(1 / kept)
+
+
 class ConvBlock(nn.Module):
     """Two 3x3 conv -> BN -> ReLU (act: a key of ACTS); keeps the spatial size (padding=1).
 
     residual=True adds the first ReLU's output (already out_ch wide) to the second BN's output
     before the last ReLU (He et al., 2016): an identity path over the second convolution that
-    eases optimisation, for one elementwise add and no parameters."""
+    eases optimisation, for one elementwise add and no parameters. drop=(rate, size) puts a
+    DropBlock after each convolution, before its BN (SA-UNet's order); it acts in training only,
+    and leaves the parameters and their names as they are."""
 
-    def __init__(self, in_ch, out_ch, residual=False, act="relu"):
+    def __init__(self, in_ch, out_ch, residual=False, act="relu", drop=None):
         super().__init__()
         if act not in ACTS:
             raise ValueError(f"act must be one of {', '.join(ACTS)}, got {act!r}")
@@ -41,13 +86,19 @@ class ConvBlock(nn.Module):
             ACTS[act](inplace=True),
         )
         self.residual = residual
+        # kept outside body, so that body's indices (the state dict's names) do not depend on it
+        self.drop = DropBlock(*drop) if drop and drop[0] > 0 else None
 
     def forward(self, x):
-        if not self.residual:
+        dropping = self.drop is not None and self.training
+        if not self.residual and not dropping:
             return self.body(x)
         conv1, bn1, relu1, conv2, bn2, relu2 = self.body  # the same modules, named (torch.fx traces them)
-        y = relu1(bn1(conv1(x)))  # (N, out_ch, H, W)
-        return relu2(y + bn2(conv2(y)))
+        y = conv1(x)  # (N, out_ch, H, W)
+        y = relu1(bn1(self.drop(y) if dropping else y))
+        z = conv2(y)
+        z = bn2(self.drop(z) if dropping else z)
+        return relu2(y + z if self.residual else z)
 
 
 class SpatialGate(nn.Module):
@@ -87,9 +138,9 @@ ATTENTIONS = ("none", "sa", "scse")
 class Encoder(nn.Module):
     """ConvBlock then 2x2 max-pool; returns (skip, pooled)."""
 
-    def __init__(self, in_ch, out_ch, residual=False, act="relu"):
+    def __init__(self, in_ch, out_ch, residual=False, act="relu", drop=None):
         super().__init__()
-        self.conv = ConvBlock(in_ch, out_ch, residual, act)
+        self.conv = ConvBlock(in_ch, out_ch, residual, act, drop)
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x):
@@ -100,10 +151,10 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """2x transposed-conv up-sampling, concatenation with the skip, ConvBlock."""
 
-    def __init__(self, in_ch, out_ch, residual=False, act="relu", scse=False):
+    def __init__(self, in_ch, out_ch, residual=False, act="relu", scse=False, drop=None):
         super().__init__()
         self.up = nn.ConvTranspose2d(in_ch, out_ch, kernel_size=2, stride=2)
-        self.conv = ConvBlock(2 * out_ch, out_ch, residual, act)
+        self.conv = ConvBlock(2 * out_ch, out_ch, residual, act, drop)
         self.gate = SCSE(out_ch) if scse else nn.Identity()
 
     def forward(self, x, skip):
@@ -121,12 +172,13 @@ class UNet(nn.Module):
     more 1x1 heads on the decoder's coarser outputs (1/2, 1/4, ... of the input's size) for deep
     supervision in training (forward_all); inference (forward) uses the full-size head alone.
     attention: "sa", a SpatialGate after the bottleneck; "scse", an SCSE gate after each decoder
-    block but the full-resolution one; "none".
+    block but the full-resolution one; "none". drop: (rate, size) of a DropBlock after every
+    3x3 convolution of the conv blocks, in training (ConvBlock); None: none.
     """
     multiple = MULTIPLE  # of the default depth; an instance's own is 2**depth
 
     def __init__(self, in_ch=3, out_ch=1, base=64, top=None, depth=DEPTH, residual=False, act="relu", deep=0,
-                 attention="none"):
+                 attention="none", drop=None):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -139,12 +191,12 @@ class UNet(nn.Module):
         self.in_ch = in_ch
         self.multiple = 2 ** depth
         self.encoders = nn.ModuleList(
-            Encoder(c_in, c_out, residual, act) for c_in, c_out in zip([in_ch] + w[:depth - 1], w[:depth]))
-        self.bottleneck = ConvBlock(w[depth - 1], w[depth], residual, act)
+            Encoder(c_in, c_out, residual, act, drop) for c_in, c_out in zip([in_ch] + w[:depth - 1], w[:depth]))
+        self.bottleneck = ConvBlock(w[depth - 1], w[depth], residual, act, drop)
         self.gate = SpatialGate() if attention == "sa" else nn.Identity()
         # scse gates every decoder block but the full-resolution one, whose gates cost the most: on 2
         # CPU cores gates at all four levels made a training step 8-17 % longer, the coarser three 6-7 %
-        self.decoders = nn.ModuleList(Decoder(w[i + 1], w[i], residual, act, attention == "scse" and i > 0)
+        self.decoders = nn.ModuleList(Decoder(w[i + 1], w[i], residual, act, attention == "scse" and i > 0, drop)
                                       for i in reversed(range(depth)))
         self.head = nn.Conv2d(w[0], out_ch, kernel_size=1)
         if not 0 <= deep < depth:
@@ -191,10 +243,11 @@ class S2DUNet(nn.Module):
     half its time on a CPU with native bf16. refine=R adds a full-resolution stage: the net
     ends in 4R maps instead of logits, pixel_shuffle makes them R at full resolution, and one 3x3
     conv block over them (after a ReLU) and the image gives the logits. H and W must be multiples
-    of 2**(depth + 1): 32 at the default depth 4. residual, act: the U-Net's blocks' (UNet)."""
+    of 2**(depth + 1): 32 at the default depth 4. residual, act, drop: the U-Net's blocks' (UNet)."""
     multiple = 2 * MULTIPLE
 
-    def __init__(self, in_ch=3, out_ch=1, base=16, top=None, refine=0, depth=DEPTH, residual=False, act="relu"):
+    def __init__(self, in_ch=3, out_ch=1, base=16, top=None, refine=0, depth=DEPTH, residual=False, act="relu",
+                 drop=None):
         super().__init__()
         if refine < 0:
             raise ValueError(f"refine must be >= 0, got {refine}")
@@ -202,7 +255,7 @@ class S2DUNet(nn.Module):
         # refine > 0: the half-resolution net ends in 4 * refine features instead of logits;
         # pixel_shuffle makes them `refine` channels at full resolution, which one 3x3 block
         # there (with the image beside them) turns into logits: a full-resolution stage
-        self.net = UNet(4 * in_ch, 4 * (refine or out_ch), base, top, depth, residual, act)
+        self.net = UNet(4 * in_ch, 4 * (refine or out_ch), base, top, depth, residual, act, drop=drop)
         self.multiple = 2 * self.net.multiple
         self.refine = nn.Sequential(
             ACTS[act](),

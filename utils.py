@@ -260,6 +260,8 @@ def build_model(cfg):
         kwargs["deep"] = cfg["deep"]
     if cfg.get("attention", "none") != "none":  # unet only; older checkpoints have no such key
         kwargs["attention"] = cfg["attention"]
+    if cfg.get("dropblock"):  # unet and s2d, training only; older checkpoints have no such key
+        kwargs["drop"] = (cfg["dropblock"], cfg["dropblock_size"])
     return ARCHS[cfg.get("arch", "unet")](in_ch=cfg.get("in_ch", 3), out_ch=1, base=cfg["base"], **kwargs)
 
 
@@ -273,7 +275,9 @@ def network_text(cfg):
                f"depth {cfg['depth']}" if cfg.get("depth", DEPTH) != DEPTH else "",
                "residual" if cfg.get("residual") else "", cfg["act"] if cfg.get("act", "relu") != "relu" else "",
                f"deep supervision {cfg['deep']}" if cfg.get("deep") else "",
-               f"attention {cfg['attention']}" if cfg.get("attention", "none") != "none" else ""]
+               f"attention {cfg['attention']}" if cfg.get("attention", "none") != "none" else "",
+               f"DropBlock {cfg['dropblock']:g} of {cfg['dropblock_size']}x{cfg['dropblock_size']}"
+               if cfg.get("dropblock") else ""]
     return ", ".join([f"{ARCH_NAMES[cfg.get('arch', 'unet')]} base {cfg['base']}"] + [o for o in options if o])
 
 

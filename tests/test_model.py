@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from model import (SCSE, ConvBlock, S2DUNet, S2DWNet, SpatialGate, UNet, WNet, count_parameters, fold_batchnorm,
-                   pad_to_multiple)
+from model import (SCSE, ConvBlock, DropBlock, S2DUNet, S2DWNet, SpatialGate, UNet, WNet, count_parameters,
+                   fold_batchnorm, pad_to_multiple)
 from utils import add_tta_args, build_model, fov_box, grow_span, predict_probs, tta_views
 
 
@@ -276,6 +277,53 @@ def test_silu_blocks():
     assert not any(isinstance(m, torch.nn.SiLU) for m in build_model(dict(cfg, act="relu")).modules())
     with pytest.raises(ValueError, match="act must be one of relu, silu"):
         ConvBlock(3, 4, act="gelu")
+
+
+def test_dropblock_drops_square_blocks_at_about_its_rate():
+    """In training: about `rate` of the map zeroed (a little less where blocks overlap), in
+    size x size squares, each channel its own, the rest scaled so the mean stays; in eval: x."""
+    torch.manual_seed(0)
+    drop = DropBlock(0.15, 5).train()
+    x = torch.ones(2, 8, 64, 64).contiguous(memory_format=torch.channels_last)
+    y = drop(x)
+    dropped = (y == 0).float()
+    assert 0.12 < dropped.mean() < 0.15
+    assert torch.allclose(y.mean(), torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(y[y > 0], torch.full_like(y[y > 0], 1 / (1 - dropped.mean().item())), rtol=1e-5)
+    assert not torch.equal(dropped[:, 0], dropped[:, 1])  # channels and images drop their own blocks
+    # every zero lies in a fully zeroed 5x5 square (the map's border aside): blocks, not pixels
+    eroded = -F.max_pool2d(-dropped, 5, stride=1, padding=2)  # 1 where a 5x5 square around is all zero
+    covered = F.max_pool2d(eroded, 5, stride=1, padding=2)[..., 2:-2, 2:-2]
+    assert torch.equal(covered, dropped[..., 2:-2, 2:-2])
+    one = DropBlock(1e-4, 3).train().mask((1, 1, 9, 9), "cpu")  # a single seed: one 3x3 block
+    assert int((one == 0).sum()) in (4, 6, 9)  # 4 or 6 where the block reaches over a corner or side
+    assert torch.equal(drop.eval()(x), x)
+    for rate, size in ((1.0, 3), (-0.1, 3), (0.1, 4), (0.1, 0)):
+        with pytest.raises(ValueError, match="DropBlock"):
+            DropBlock(rate, size)
+
+
+def test_dropblock_in_the_blocks_leaves_the_weights_and_inference_alone():
+    """drop puts DropBlock in every conv block of the U-Net and the space-to-depth U-Net: the same
+    parameters under the same names, the same outputs in eval mode, random ones in training;
+    build_model reads it from a config, and int8's BN folding still applies."""
+    torch.manual_seed(0)
+    for cls, kw in ((UNet, {"base": 4, "depth": 2}), (S2DUNet, {"base": 4, "top": 8, "depth": 2})):
+        plain, dropped = cls(**kw), cls(**kw, drop=(0.2, 3))
+        assert list(plain.state_dict()) == list(dropped.state_dict())
+        dropped.load_state_dict(plain.state_dict())
+        assert sum(isinstance(m, DropBlock) for m in dropped.modules()) == 2 * kw["depth"] + 1  # every block
+        x = torch.rand(1, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(plain.eval()(x), dropped.eval()(x))
+            dropped.train()
+            assert not torch.equal(dropped(x), dropped(x))
+            dropped.load_state_dict(plain.state_dict())  # training moved BN's running statistics
+            assert torch.allclose(fold_batchnorm(dropped.eval())(x), plain(x), atol=1e-5)
+    cfg = {"arch": "s2d", "base": 4, "top": 8, "depth": 2, "dropblock": 0.1, "dropblock_size": 5}
+    blocks = [m for m in build_model(cfg).modules() if isinstance(m, DropBlock)]
+    assert blocks and all((b.rate, b.size) == (0.1, 5) for b in blocks)
+    assert not any(isinstance(m, DropBlock) for m in build_model(dict(cfg, dropblock=0.0)).modules())
 
 
 def test_fold_batchnorm_refuses_training_mode():

@@ -292,7 +292,8 @@ def test_default_recipe_is_the_shipped_unet_and_s2d_keeps_its_own_defaults():
     assert train.get_args(s2d + ["--depth", "4", "--crop", "224"]).depth == 4
     for bad in (["--arch", "wnet", "--depth", "3"], ["--depth", "0"], s2d + ["--depth", "3", "--crop", "248"],
                 s2d + ["--depth", "4", "--crop", "248"], ["--crop", "248"], ["--batch-size", "0"],
-                ["--fov-crops", "--affine-first"]):
+                ["--fov-crops", "--affine-first"], ["--dropblock", "1"], ["--arch", "wnet", "--dropblock", "0.1"],
+                ["--dropblock-size", "4"]):
         with pytest.raises(SystemExit):
             train.get_args(bad)
     r = run_script("train.py", "--arch", "s2d", "--crop", 250, cwd=".")
