@@ -148,7 +148,8 @@ def get_args(argv=None):
     p.add_argument("--depth", type=int, default=None,
                    help="down-samplings of the U-Net (unet, s2d): 4 is the paper's; fewer drop its "
                         f"coarsest levels (default: {S2D_DEPTH} for s2d, which scored above 4 held out "
-                        f"in less time (README); {DEPTH} for the others; for unet, 3 scored level with 4 "
+                        f"in less time (README), and 3 lower at top width 16; {DEPTH} for the others; for unet, "
+                        "3 scored level with 4 "
                         "held out on two seeds in 0.83x the step time and level on the test set over three "
                         "seeds: `--depth 3 --time-budget 30` for a CPU slower than the AMX Xeon, README)")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=False,
