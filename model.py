@@ -60,7 +60,7 @@ class DropBlock(nn.Module):
         cols = (col + d[None, :]).clamp_(0, w - 1)  # (k, 1, size)
         flat = ((img * h + rows) * w + cols) * c + ch  # (k, size, size): places in an (N, H, W, C) buffer
         dropped = torch.zeros(n * h * w * c, device=device).index_fill_(0, flat.view(-1), 1)
-        kept = 1 - dropped.mean()
+        kept = (1 - dropped.mean()).clamp(min=1e-6)  # > 0 even where one block covers a whole tiny map
         return dropped.view(n, h, w, c).permute(0, 3, 1, 2).mul_(-1 / kept).add_(1 / kept)
 
 

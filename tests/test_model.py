@@ -298,6 +298,8 @@ def test_dropblock_drops_square_blocks_at_about_its_rate():
     one = DropBlock(1e-4, 3).train().mask((1, 1, 9, 9), "cpu")  # a single seed: one 3x3 block
     assert int((one == 0).sum()) in (4, 6, 9)  # 4 or 6 where the block reaches over a corner or side
     assert torch.equal(drop.eval()(x), x)
+    tiny = DropBlock(0.5, 5).train()(torch.ones(1, 1, 2, 2))  # one block covers the whole map
+    assert torch.equal(tiny, torch.zeros_like(tiny))  # zeros, not NaN
     for rate, size in ((1.0, 3), (-0.1, 3), (0.1, 4), (0.1, 0)):
         with pytest.raises(ValueError, match="DropBlock"):
             DropBlock(rate, size)
